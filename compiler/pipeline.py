@@ -1,0 +1,62 @@
+"""The compiler's stages in order: load -> schema -> check -> plan -> render -> write."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sluice.errors import ConfigError, ConfigIssue
+
+from .check import check, check_references
+from .defaults import resolve_runtime
+from .load import Source, load
+from .plan import RepositoryPlan, plan_service
+from .render import render_repository
+from .schema import validate
+from .write import write_repository
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Compiled:
+    source: Source
+    plan: RepositoryPlan
+    warnings: list[ConfigIssue]
+
+
+def build_plan(config_path: str | Path) -> Compiled:
+    """Load, validate and plan a config; raise ConfigError with every issue found."""
+    source = load(config_path)
+    config, issues = validate(source.data)
+    issues += check_references(source.data)
+    if config is None or issues:
+        raise _config_error(source, issues)
+    runtimes = {
+        name: resolve_runtime(config.models[service.model].type, service.runtime.model_dump())
+        for name, service in sorted(config.services.items())
+    }
+    findings = check(config, runtimes)
+    if findings.errors:
+        raise _config_error(source, findings.errors)
+    plan = RepositoryPlan(
+        config, tuple(plan_service(name, config, runtime) for name, runtime in runtimes.items())
+    )
+    return Compiled(source, plan, [_relocate(source, issue) for issue in findings.warnings])
+
+
+def compile_repository(config_path: str | Path, out: Path, progress: Progress | None = None) -> Compiled:
+    """Compile ``config_path`` into the model repository ``out``; nothing is written on error."""
+    compiled = build_plan(config_path)
+    files = render_repository(compiled.plan)
+    write_repository(files, out)
+    return compiled
+
+
+def _relocate(source: Source, issue: ConfigIssue) -> ConfigIssue:
+    return ConfigIssue(source.locate(issue.path), issue.message)
+
+
+def _config_error(source: Source, issues: list[ConfigIssue]) -> ConfigError:
+    return ConfigError(source.name, [_relocate(source, issue) for issue in issues])

@@ -1,0 +1,199 @@
+"""Stage 4: validated config -> one plan per service, spelled like Triton's model_config.proto.
+
+This module is the one place that says what each knob becomes (``KNOB_ENFORCEMENT`` and ``plan_service``):
+the renderer writes the plan out, ``sluice explain`` reads it back, the README's table documents it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from runtimes.signatures import SIGNATURES, Tensor
+
+from .defaults import RUNTIME_KNOBS, ResolvedRuntime
+from .schema import AnyModel, Config, LLMModel
+
+# Model files travel inside each model's version directory, under this name.
+ARTIFACTS_DIR = "artifacts"
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    max_queue_size: int
+    default_timeout_microseconds: int
+    timeout_action: str = "REJECT"
+    allow_timeout_override: bool = True
+
+
+@dataclass(frozen=True)
+class DynamicBatching:
+    max_queue_delay_microseconds: int
+    default_queue_policy: QueuePolicy
+
+
+@dataclass(frozen=True)
+class InstanceGroup:
+    count: int
+    kind: str  # KIND_CPU | KIND_GPU
+    gpus: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class TritonModelPlan:
+    """Everything config.pbtxt says about one service."""
+
+    name: str
+    backend: str
+    max_batch_size: int
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    dynamic_batching: DynamicBatching
+    instance_group: InstanceGroup
+    response_cache: bool
+    decoupled: bool
+    # Settings the runtime (model.py) reads at initialize(); config.pbtxt `parameters`, string values.
+    parameters: dict[str, str]
+
+
+@dataclass(frozen=True)
+class GatewayRoute:
+    """What the gateway enforces for one service (Triton cannot)."""
+
+    service: str
+    model: str
+    type: str
+    batch_size: int  # the largest request Triton accepts: bigger client batches are split
+    rate_limit: float
+    total_timeout: float
+    inference_timeout: float
+    queue_timeout: float
+    enable_cache: bool
+    max_length: int
+
+
+@dataclass(frozen=True)
+class ServicePlan:
+    name: str
+    model_key: str
+    model: AnyModel
+    runtime: ResolvedRuntime
+    triton: TritonModelPlan
+    gateway: GatewayRoute
+
+
+@dataclass(frozen=True)
+class Enforcement:
+    """One row of `sluice explain`: a knob, its value, and where it takes effect."""
+
+    knob: str
+    value: Any
+    explicit: bool
+    where: str  # "triton" | "gateway" | "triton+gateway"
+    what: str
+
+
+@dataclass(frozen=True)
+class RepositoryPlan:
+    config: Config
+    services: tuple[ServicePlan, ...] = field(default_factory=tuple)
+
+
+def microseconds(seconds: float) -> int:
+    return round(seconds * 1_000_000)
+
+
+def plan_service(name: str, config: Config, runtime: ResolvedRuntime) -> ServicePlan:
+    """The knob mapping. Read this function to know what each knob becomes."""
+    model_key = config.services[name].model
+    model = config.models[model_key]
+    decoupled = model.type == "llm"  # the LLM streams: one request, many responses
+    inputs, outputs = SIGNATURES[model.type]
+    triton = TritonModelPlan(
+        name=name,
+        backend="python",
+        max_batch_size=runtime.batch_size,
+        inputs=inputs,
+        outputs=outputs,
+        dynamic_batching=DynamicBatching(
+            max_queue_delay_microseconds=microseconds(runtime.batch_timeout),
+            default_queue_policy=QueuePolicy(
+                max_queue_size=runtime.max_queue_size,
+                default_timeout_microseconds=microseconds(runtime.queue_timeout),
+            ),
+        ),
+        instance_group=_instance_group(model.device, runtime.worker_count),
+        # Triton refuses a response cache on decoupled models.
+        response_cache=runtime.enable_cache and not decoupled,
+        decoupled=decoupled,
+        parameters=_parameters(model, runtime),
+    )
+    gateway = GatewayRoute(
+        service=name,
+        model=model_key,
+        type=model.type,
+        batch_size=runtime.batch_size,
+        rate_limit=runtime.rate_limit,
+        total_timeout=runtime.total_timeout,
+        inference_timeout=runtime.inference_timeout,
+        queue_timeout=runtime.queue_timeout,
+        enable_cache=runtime.enable_cache,
+        max_length=model.max_length,
+    )
+    return ServicePlan(name, model_key, model, runtime, triton, gateway)
+
+
+def _instance_group(device: str, count: int) -> InstanceGroup:
+    if device == "cpu":
+        return InstanceGroup(count=count, kind="KIND_CPU")
+    gpus = tuple(int(gpu) for gpu in device.partition(":")[2].split(",") if gpu)
+    # Triton places `count` instances on *each* listed GPU (all GPUs when none are listed).
+    return InstanceGroup(count=count, kind="KIND_GPU", gpus=gpus)
+
+
+def _parameters(model: AnyModel, runtime: ResolvedRuntime) -> dict[str, str]:
+    parameters = {
+        "service_type": model.type,
+        "artifacts_dir": ARTIFACTS_DIR,
+        "max_length": str(model.max_length),
+        "inference_timeout_s": f"{runtime.inference_timeout:g}",
+        "worker_count": str(runtime.worker_count),
+        # 0: the runtime derives its threads from the cores it finds and worker_count.
+        "intra_op_threads": "0",
+    }
+    if isinstance(model, LLMModel):
+        parameters["default_max_tokens"] = str(model.max_tokens)
+    return dict(sorted(parameters.items()))
+
+
+def enforcement(plan: ServicePlan) -> list[Enforcement]:
+    """Where each of the nine knobs of a planned service takes effect, in the seed's order."""
+    t, r = plan.triton, plan.runtime
+    policy = t.dynamic_batching.default_queue_policy
+    group = t.instance_group
+    gpus = f" on GPUs {list(group.gpus)}" if group.gpus else ""
+    if t.response_cache:
+        cache = "response_cache + gateway item cache"
+    else:
+        cache = "gateway item cache" if r.enable_cache else "off"
+    rows = {
+        "batch_size": ("triton+gateway", f"max_batch_size: {t.max_batch_size}; gateway splits larger batches"),
+        "batch_timeout": (
+            "triton", f"max_queue_delay_microseconds: {t.dynamic_batching.max_queue_delay_microseconds}"
+        ),
+        "max_queue_size": ("triton", f"default_queue_policy.max_queue_size: {policy.max_queue_size}"),
+        "worker_count": ("triton", f"instance_group: {group.count} x {group.kind}{gpus}"),
+        "queue_timeout": (
+            "triton",
+            f"default_timeout_microseconds: {policy.default_timeout_microseconds}, {policy.timeout_action}",
+        ),
+        "inference_timeout": (
+            "triton+gateway", f"per-call deadline, gRPC cancel; runtime stops at {r.inference_timeout:g}s"
+        ),
+        "total_timeout": ("gateway", "deadline from arrival to last byte"),
+        "rate_limit": ("gateway", f"{r.rate_limit:g} requests/s per service"),
+        "enable_cache": ("triton+gateway" if t.response_cache else "gateway", cache),
+    }
+    return [
+        Enforcement(knob, getattr(r, knob), knob in r.explicit, *rows[knob]) for knob in RUNTIME_KNOBS
+    ]

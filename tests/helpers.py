@@ -1,0 +1,40 @@
+"""Small helpers shared by the compiler tests."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MINIMAL: dict[str, Any] = {
+    "models": {"emb": {"type": "embedding", "model_name": "some/model"}},
+    "services": {"svc": {"model": "emb"}},
+}
+
+
+def config_with(changes: dict[str, Any], base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A copy of ``base`` (MINIMAL) with dotted paths set; a value of ``...`` deletes the key."""
+    data = copy.deepcopy(base if base is not None else MINIMAL)
+    for dotted, value in changes.items():
+        *parents, last = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        if value is ...:
+            node.pop(last, None)
+        else:
+            node[last] = value
+    return data
+
+
+def write_yaml(directory: Path, data: Any, name: str = "config.yaml") -> Path:
+    path = directory / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file under root, relative path -> bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

@@ -1,0 +1,67 @@
+"""The `sluice` command line: exit statuses, messages, and that a failed compile writes nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from sluice.cli import app
+from tests.helpers import MINIMAL, config_with, write_yaml
+
+DATA = Path(__file__).parent / "data"
+runner = CliRunner()
+
+
+def test_compile_exits_nonzero_and_writes_nothing_when_config_is_invalid(tmp_path: Path) -> None:
+    config = write_yaml(tmp_path, config_with({"services.svc.runtime.batch_size": -1}))
+    out = tmp_path / "repo"
+    result = runner.invoke(app, ["compile", str(config), "-o", str(out)])
+    assert result.exit_code == 1
+    assert "services.svc.runtime.batch_size" in result.output and "found -1" in result.output
+    assert not out.exists()
+
+
+def test_compile_prints_warnings_and_succeeds_when_strategy_is_doubtful(tmp_path: Path) -> None:
+    out = tmp_path / "repo"
+    result = runner.invoke(app, ["compile", str(DATA / "seed_config.yaml"), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "can never bind" in result.output
+    assert (out / "llm_service" / "config.pbtxt").exists()
+
+
+def test_explain_shows_each_knob_and_its_triton_field_when_config_is_valid() -> None:
+    result = runner.invoke(app, ["explain", str(DATA / "seed_config.yaml")], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for words in (
+        "embedding_service",
+        "max_queue_delay_microseconds: 10000",
+        "default_queue_policy.max_queue_size: 500",
+        "instance_group: 4 x KIND_CPU",
+        "default_timeout_microseconds: 200000, REJECT",
+        "10 requests/s",
+        "response_cache + gateway item cache",
+        "can never bind",
+    ):
+        assert words in result.output
+
+
+def test_explain_marks_defaults_when_a_service_sets_only_some_knobs(tmp_path: Path) -> None:
+    config = write_yaml(tmp_path, config_with({"services.svc.runtime": {"batch_size": 8}}))
+    result = runner.invoke(app, ["explain", str(config)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    batch_line = next(line for line in result.output.splitlines() if "batch_size" in line)
+    assert "8" in batch_line and "default" not in batch_line
+    worker_line = next(line for line in result.output.splitlines() if "worker_count" in line)
+    assert "(default)" in worker_line
+
+
+def test_explain_exits_nonzero_when_file_is_missing(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["explain", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 1
+    assert "no such file" in result.output
+
+
+def test_minimal_config_is_valid_when_written(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["explain", str(write_yaml(tmp_path, MINIMAL))])
+    assert result.exit_code == 0, result.output
