@@ -1,0 +1,35 @@
+"""Triton Python-backend model of a reranker service; the compiler copies it to ``<service>/1/model.py``.
+
+Rows are (query, document) pairs. The exported graph says how they are scored: a cross-encoder's graph returns
+``score`` (one relevance logit per pair); a sentence-embedding model's returns ``embedding``, and a pair scores the
+cosine of its two embeddings. Tensor contract: ``RERANKER_INPUTS`` / ``RERANKER_OUTPUTS`` in ``runtimes/signatures.py``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+from runtimes._triton import encoder_responses, gpu_device_id, model_parameters, request_strings, version_dir
+from runtimes.encoders import OnnxEncoder, cosine_scores, open_session, session_threads
+
+
+def _pairs(request: Any) -> list[tuple[str, str]]:
+    queries, documents = request_strings(request, "query"), request_strings(request, "document")
+    if len(queries) != len(documents):
+        raise ValueError(f"input 'query' has {len(queries)} rows but 'document' has {len(documents)}")
+    return list(zip(queries, documents, strict=True))
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        parameters = model_parameters(args)
+        artifacts = version_dir(args) / parameters["artifacts_dir"]
+        threads = session_threads(int(parameters["intra_op_threads"]), int(parameters["worker_count"]))
+        session = open_session(artifacts / "model.onnx", threads, gpu_device_id(args))
+        self.encoder = OnnxEncoder(artifacts, int(parameters["max_length"]), session)
+        cosine = self.encoder.output_name == "embedding"
+        self.score = partial(cosine_scores, self.encoder) if cosine else self.encoder.encode_pairs
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        return encoder_responses(requests, _pairs, self.score, "score")
