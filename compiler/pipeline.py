@@ -8,13 +8,14 @@ from pathlib import Path
 
 from sluice.errors import ConfigError, ConfigIssue
 
+from .artifacts import repository_digest, service_artifacts
 from .check import check, check_references
 from .defaults import resolve_runtime
 from .load import Source, load
 from .plan import RepositoryPlan, plan_service
-from .render import render_repository
+from .render import MARKER_NAME, read_marker_digest, render_marker, render_repository
 from .schema import validate
-from .write import write_repository
+from .write import Content, write_repository
 
 Progress = Callable[[str], None]
 
@@ -46,10 +47,30 @@ def build_plan(config_path: str | Path) -> Compiled:
     return Compiled(source, plan, [_relocate(source, issue) for issue in findings.warnings])
 
 
-def compile_repository(config_path: str | Path, out: Path, progress: Progress | None = None) -> Compiled:
-    """Compile ``config_path`` into the model repository ``out``; nothing is written on error."""
+def compile_repository(
+    config_path: str | Path, out: Path, *, cache_root: Path | None = None, progress: Progress | None = None
+) -> Compiled:
+    """Compile ``config_path`` into the model repository ``out``; nothing is written on error, and nothing at
+    all when the repository is already current.
+
+    ``cache_root`` holds the ONNX exports (default: ``.sluice/cache`` beside the config file).
+    """
+    say = progress or (lambda _: None)
     compiled = build_plan(config_path)
-    files = render_repository(compiled.plan)
+    config_dir = Path(config_path).resolve().parent
+    cache_root = cache_root or config_dir / ".sluice" / "cache"
+    artifacts = {
+        service.name: service_artifacts(service, config_dir, cache_root, say) for service in compiled.plan.services
+    }
+    texts = render_repository(compiled.plan, {name: found.fingerprint for name, found in artifacts.items()})
+    digest = repository_digest(texts, artifacts)
+    marker = out / MARKER_NAME
+    if marker.is_file() and read_marker_digest(marker.read_text(encoding="utf-8")) == digest:
+        say(f"{out} is up to date")
+        return compiled
+    files: dict[str, Content] = {**texts, MARKER_NAME: render_marker(digest)}
+    for found in artifacts.values():
+        files.update(found.files)
     write_repository(files, out)
     return compiled
 

@@ -7,6 +7,7 @@ Protobuf's text format drops zero values, so fields such as ``max_batch_size`` a
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict
 
 from runtimes.signatures import Tensor
@@ -26,13 +27,12 @@ whole directory. Only this README is tracked by git.
 """
 
 
-def render_repository(plan: RepositoryPlan) -> dict[str, str]:
-    """Every text file of the repository (model artifacts are added by the compile step)."""
-    files = {
-        MARKER_NAME: "This directory is written by `sluice compile` and replaced whole on each compile.\n",
-        "README.md": README_TEXT,
-        MANIFEST_NAME: render_manifest(plan),
-    }
+def render_repository(plan: RepositoryPlan, fingerprints: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Every text file of the repository but the marker (model files are added by the compile step).
+
+    ``fingerprints`` (service -> digest of its model's content) go into the manifest: the gateway's cache keys.
+    """
+    files = {"README.md": README_TEXT, MANIFEST_NAME: render_manifest(plan, fingerprints or {})}
     for service in plan.services:
         files[f"{service.name}/config.pbtxt"] = render_model_config(service.triton)
     return dict(sorted(files.items()))
@@ -109,7 +109,19 @@ def render_parameters(parameters: dict[str, str]) -> str:
     return "\n".join(blocks)
 
 
-def render_manifest(plan: RepositoryPlan) -> str:
+def render_marker(digest: str) -> str:
+    """The ownership marker; its digest of the whole output tells a later compile whether anything changed."""
+    return f"Written by `sluice compile` and replaced whole on each compile.\ndigest: {digest}\n"
+
+
+def read_marker_digest(text: str) -> str | None:
+    for line in text.splitlines():
+        if line.startswith("digest: "):
+            return line.removeprefix("digest: ").strip()
+    return None
+
+
+def render_manifest(plan: RepositoryPlan, fingerprints: Mapping[str, str]) -> str:
     """sluice.json: the gateway's half of the compiled output (routes, limits, timeouts)."""
     config = plan.config
     gateway = config.gateway.model_dump(exclude={"api_keys"})
@@ -117,7 +129,10 @@ def render_manifest(plan: RepositoryPlan) -> str:
         "version": MANIFEST_VERSION,
         "server": config.server.model_dump(),
         "gateway": gateway,
-        "services": {service.name: asdict(service.gateway) for service in plan.services},
+        "services": {
+            service.name: {**asdict(service.gateway), "fingerprint": fingerprints.get(service.name, "")}
+            for service in plan.services
+        },
     }
     return json.dumps(manifest, indent=2, sort_keys=True) + "\n"
 

@@ -60,11 +60,27 @@ def _write_file(root: Path, relative: str, content: Content) -> None:
     path = root / relative
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(content, Path):
-        shutil.copyfile(content, path)
+        _link_or_copy(content, path)
     elif isinstance(content, bytes):
         path.write_bytes(content)
     else:
         path.write_text(content, encoding="utf-8")
+
+
+_LINK_ABOVE_BYTES = 1 << 20
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    # Model files are large and the repository is replaced whole, never edited in place: a hard link to the
+    # export cache costs nothing. Small files (runtime code) are copied, so editing the source tree in place
+    # never reaches into a compiled repository.
+    if source.stat().st_size > _LINK_ABOVE_BYTES:
+        try:
+            os.link(source, target)
+            return
+        except OSError:
+            pass  # another filesystem: copy instead
+    shutil.copyfile(source, target)
 
 
 def _swap_in(staging: Path, out: Path) -> None:

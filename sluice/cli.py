@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -21,6 +22,16 @@ DEFAULT_CONFIG = Path("config.yaml")
 DEFAULT_REPOSITORY = Path("model_repository")
 
 
+def _say(line: str) -> None:
+    err_console.print(line, highlight=False, soft_wrap=True)
+
+
+def cache_root() -> Path | None:
+    """SLUICE_CACHE_DIR, where set: the export cache (default: .sluice/cache beside the config file)."""
+    value = os.environ.get("SLUICE_CACHE_DIR")
+    return Path(value) if value else None
+
+
 def _print_warnings(compiled: Compiled) -> None:
     for warning in compiled.warnings:
         err_console.print(f"[yellow]warning[/yellow] {warning}", highlight=False, soft_wrap=True)
@@ -38,7 +49,7 @@ def compile_command(
 ) -> None:
     """Compile CONFIG into a Triton model repository."""
     try:
-        compiled = compile_repository(config, output, progress=lambda line: err_console.print(line))
+        compiled = compile_repository(config, output, cache_root=cache_root(), progress=_say)
     except SluiceError as error:
         raise _fail(error) from None
     _print_warnings(compiled)
@@ -54,6 +65,42 @@ def explain_command(config: ConfigArg = DEFAULT_CONFIG) -> None:
     except SluiceError as error:
         raise _fail(error) from None
     render_explanation(compiled, out_console)
+
+
+@app.command("models")
+def models_command(
+    directory: Annotated[Path, typer.Option("--dir", help="Where to put the demo models")] = Path("models"),
+) -> None:
+    """Materialise the demo models: the real all-MiniLM-L6-v2 and tiny random-weight test models."""
+    from sluice.demo_models import materialise
+
+    for name, path in materialise(directory).items():
+        out_console.print(f"{name:<20} {path}", highlight=False)
+
+
+@app.command("serve")
+def serve_command(
+    config: ConfigArg = DEFAULT_CONFIG,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Model repository to serve")] = DEFAULT_REPOSITORY,
+    triton_url: Annotated[
+        str | None, typer.Option(help="Use this already running Triton (HTTP URL) instead of starting one")
+    ] = None,
+) -> None:
+    """Compile CONFIG when stale, start tritonserver on it, and serve until Ctrl-C or SIGTERM."""
+    from sluice.serve import running_triton, stop_on_signals, wait_forever
+
+    try:
+        with stop_on_signals(), running_triton(
+            config, output, say=_say, triton_url=triton_url, cache_root=cache_root()
+        ) as serving:
+            for service in serving.compiled.plan.services:
+                out_console.print(f"{service.name:<20} {serving.http_url}/v2/models/{service.name}", highlight=False)
+            out_console.print("ready; Ctrl-C stops everything", highlight=False)
+            wait_forever(serving.alive, "tritonserver")
+    except KeyboardInterrupt:
+        err_console.print("stopped")
+    except SluiceError as error:
+        raise _fail(error) from None
 
 
 def main() -> None:

@@ -38,3 +38,19 @@ def write_yaml(directory: Path, data: Any, name: str = "config.yaml") -> Path:
 def tree(root: Path) -> dict[str, bytes]:
     """Every file under root, relative path -> bytes."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def demo_config(models: dict[str, Path]) -> dict[str, Any]:
+    """The three service types on the demo models, in the layered form."""
+    return {
+        "models": {
+            "embedding_v1": {"type": "embedding", "model_name": str(models["all-MiniLM-L6-v2"])},
+            "reranker_v1": {"type": "reranker", "model_name": str(models["tiny-cross-encoder"])},
+            "llm_v1": {"type": "llm", "model_name": str(models["tiny-llm"]), "max_length": 256},
+        },
+        "services": {
+            "embedding_service": {"model": "embedding_v1", "runtime": {"worker_count": 2}},
+            "reranker_service": {"model": "reranker_v1", "runtime": {"worker_count": 1}},
+            "llm_service": {"model": "llm_v1"},
+        },
+    }

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from sluice.cli import app
-from tests.helpers import MINIMAL, config_with, write_yaml
+from tests.helpers import MINIMAL, config_with, demo_config, write_yaml
 
 DATA = Path(__file__).parent / "data"
 runner = CliRunner()
@@ -22,9 +23,13 @@ def test_compile_exits_nonzero_and_writes_nothing_when_config_is_invalid(tmp_pat
     assert not out.exists()
 
 
-def test_compile_prints_warnings_and_succeeds_when_strategy_is_doubtful(tmp_path: Path) -> None:
+def test_compile_prints_warnings_and_succeeds_when_strategy_is_doubtful(
+    tmp_path: Path, demo_models: dict[str, Path], export_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SLUICE_CACHE_DIR", str(export_cache))
     out = tmp_path / "repo"
-    result = runner.invoke(app, ["compile", str(DATA / "seed_config.yaml"), "-o", str(out)])
+    config = write_yaml(tmp_path, demo_config(demo_models))
+    result = runner.invoke(app, ["compile", str(config), "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "can never bind" in result.output
     assert (out / "llm_service" / "config.pbtxt").exists()

@@ -1,0 +1,111 @@
+"""`sluice serve`: compile when stale, run tritonserver on the repository, wait, stop cleanly on a signal."""
+
+from __future__ import annotations
+
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from compiler.pipeline import Compiled, compile_repository
+from sluice.errors import SluiceError
+from sluice.triton_server import TritonServer, TritonSettings
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Serving:
+    """A compiled config being served: Triton's URLs and a way to tell it is still up."""
+
+    compiled: Compiled
+    http_url: str
+    grpc_url: str | None  # None when the Triton is not ours (its gRPC address is not known)
+    alive: Callable[[], bool]
+
+
+def triton_settings(compiled: Compiled, repository: Path, workdir: Path) -> TritonSettings:
+    server = compiled.plan.config.server
+    return TritonSettings(
+        model_repository=repository.resolve(),
+        workdir=workdir.resolve(),
+        host=server.host,
+        http_port=server.http_port,
+        grpc_port=server.grpc_port,
+        metrics_port=server.metrics_port,
+        response_cache_bytes=server.response_cache_bytes,
+        log_verbose=server.log_verbose,
+    )
+
+
+@contextmanager
+def running_triton(
+    config: Path,
+    repository: Path,
+    *,
+    say: Say,
+    triton_url: str | None = None,
+    cache_root: Path | None = None,
+    ready_timeout: float = 300,
+) -> Iterator[Serving]:
+    """Compile ``config`` into ``repository`` and yield while Triton serves it.
+
+    With ``triton_url`` no server is started: that Triton (e.g. the container of docker-compose.yml, mounting
+    the same repository) must already be up with every service ready.
+    """
+    compiled = compile_repository(config, repository, cache_root=cache_root, progress=say)
+    for warning in compiled.warnings:
+        say(f"warning {warning}")
+    if triton_url:
+        url = triton_url.rstrip("/")
+        check_remote_ready(url, [service.name for service in compiled.plan.services])
+        yield Serving(compiled, url, grpc_url=None, alive=lambda: _ok(f"{url}/v2/health/live"))
+        return
+    workdir = Path(config).resolve().parent / ".sluice" / "triton"
+    workdir.mkdir(parents=True, exist_ok=True)
+    say("starting tritonserver (the models load in a few seconds) ...")
+    with TritonServer(triton_settings(compiled, repository, workdir), startup_timeout=ready_timeout) as server:
+        say(f"triton  http {server.http_url}  grpc {server.grpc_url}  metrics {server.metrics_url}")
+        say(f"        log  {server.log_path}")
+        yield Serving(compiled, server.http_url, server.grpc_url, server.is_running)
+
+
+def check_remote_ready(url: str, services: list[str]) -> None:
+    """Raise naming the services that an already-running Triton does not have ready."""
+    missing = [name for name in services if not _ok(f"{url.rstrip('/')}/v2/models/{name}/ready")]
+    if missing:
+        raise SluiceError(f"Triton at {url} is not ready to serve: {', '.join(missing)}")
+
+
+def _ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - http(s) URL from the user
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt, so Ctrl-C and `kill` take the same orderly way out."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def wait_forever(alive: Callable[[], bool], what: str) -> None:
+    """Block until interrupted; raise if the watched process dies on its own."""
+    while alive():
+        time.sleep(0.5)
+    raise SluiceError(f"{what} exited unexpectedly")
