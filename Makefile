@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: up test lint compile explain clean
+.PHONY: up test lint compile explain models bench clean
 
 # The virtualenv is rebuilt when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -14,14 +14,22 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 up: $(STAMP)
-	@echo "make up: the model runtimes and the gateway are not built yet; this compiles config.yaml only."
-	$(VENV)/bin/sluice compile config.yaml -o model_repository
+	@echo "make up: the gateway is not built yet; this serves config.yaml on Triton alone (Ctrl-C stops it)."
+	$(VENV)/bin/sluice models
+	$(VENV)/bin/sluice serve config.yaml -o model_repository
+
+models: $(STAMP)
+	$(VENV)/bin/sluice models
 
 compile: $(STAMP)
 	$(VENV)/bin/sluice compile config.yaml -o model_repository
 
 explain: $(STAMP)
 	$(VENV)/bin/sluice explain config.yaml
+
+# Run alone: on 2 cores anything else running skews the figures.
+bench: models
+	$(PY) -m benchmarks.embeddings
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -1,0 +1,1 @@
+"""Benchmark commands (not tests): run one at a time, alone on the machine."""
