@@ -28,9 +28,9 @@ def serve_config(tmp_path: Path, llm_dir: Path) -> Path:
     })
 
 
-def run_serve(config: Path, export_cache: Path) -> subprocess.Popen[str]:
+def run_serve(config: Path, export_cache: Path, *options: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "sluice", "serve", str(config), "-o", str(config.parent / "repo")],
+        [sys.executable, "-m", "sluice", "serve", str(config), "-o", str(config.parent / "repo"), *options],
         cwd=config.parent,
         env={**os.environ, "SLUICE_CACHE_DIR": str(export_cache), "COLUMNS": "200"},
         stdout=subprocess.PIPE,
@@ -90,3 +90,40 @@ def test_serve_fails_with_tritons_reason_when_a_model_cannot_load(
     assert descendants_alive(str(tmp_path)) == []
 
 
+
+
+def test_serve_uses_a_running_triton_when_given_its_url(
+    tmp_path: Path, demo_models: dict[str, Path], export_cache: Path
+) -> None:
+    from compiler.pipeline import compile_repository
+    from sluice.triton_server import TritonServer, TritonSettings
+
+    config = serve_config(tmp_path, demo_models["tiny-llm"])
+    repository = tmp_path / "repo"
+    compile_repository(config, repository, cache_root=export_cache)
+    http_port, grpc_port, metrics_port = free_ports(3)
+    settings = TritonSettings(repository, tmp_path / "work", http_port=http_port, grpc_port=grpc_port,
+                              metrics_port=metrics_port)
+    with TritonServer(settings) as server:
+        process = run_serve(config, export_cache, "--triton-url", server.http_url)
+        assert process.stdout is not None
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if "ready;" in line:
+                break
+        assert any(line.startswith(f"chat                 {server.http_url}") for line in lines), lines
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert server.is_running()  # not ours to stop
+
+
+def test_serve_names_missing_services_when_the_running_triton_lacks_them(
+    tmp_path: Path, demo_models: dict[str, Path], export_cache: Path
+) -> None:
+    config = serve_config(tmp_path, demo_models["tiny-llm"])
+    (port,) = free_ports(1)
+    process = run_serve(config, export_cache, "--triton-url", f"http://127.0.0.1:{port}")
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert "is not ready to serve: chat" in output
