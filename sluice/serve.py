@@ -92,16 +92,22 @@ def _ok(url: str) -> bool:
 
 @contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt, so Ctrl-C and `kill` take the same orderly way out."""
+    """Turn the first SIGINT or SIGTERM into KeyboardInterrupt and ignore the rest, so Ctrl-C and `kill` take the
+    same orderly way out, and a second signal (an impatient Ctrl-C, or `timeout` relaying its own) cannot cut the
+    shutdown short and leave Triton running."""
+    signals = (signal.SIGINT, signal.SIGTERM)
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
+        for each in signals:
+            signal.signal(each, signal.SIG_IGN)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {each: signal.signal(each, interrupt) for each in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for each, handler in previous.items():
+            signal.signal(each, handler)
 
 
 def wait_forever(alive: Callable[[], bool], what: str) -> None:

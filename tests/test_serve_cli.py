@@ -53,7 +53,7 @@ def descendants_alive(marker: str) -> list[str]:
     return found
 
 
-def test_serve_serves_until_sigterm_and_leaves_no_process_when_stopped(
+def test_serve_serves_until_signalled_and_leaves_no_process_when_signalled_twice(
     tmp_path: Path, demo_models: dict[str, Path], export_cache: Path
 ) -> None:
     config = serve_config(tmp_path, demo_models["tiny-llm"])
@@ -70,6 +70,8 @@ def test_serve_serves_until_sigterm_and_leaves_no_process_when_stopped(
     with urllib.request.urlopen(f"{url}/ready", timeout=5) as response:
         assert response.status == 200
     process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)  # an impatient second signal must not cut the shutdown short
     assert process.wait(timeout=30) == 0
     deadline = time.monotonic() + 10
     while descendants_alive(str(tmp_path)) and time.monotonic() < deadline:
