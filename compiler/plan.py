@@ -20,8 +20,12 @@ ARTIFACTS_DIR = "artifacts"
 
 @dataclass(frozen=True)
 class QueuePolicy:
+    """default_queue_policy. No default_timeout_microseconds: with one, tritonserver 2.51's dynamic batcher
+    leaves the last request of a burst waiting until that timeout and then rejects it, though the instance is
+    idle (a third of the requests of a 4+4+2-row burst; docs/triton-notes.md). queue_timeout is enforced by
+    the gateway instead, and direct clients may send a per-request ``timeout`` (allow_timeout_override)."""
+
     max_queue_size: int
-    default_timeout_microseconds: int
     timeout_action: str = "REJECT"
     allow_timeout_override: bool = True
 
@@ -52,6 +56,8 @@ class TritonModelPlan:
     instance_group: InstanceGroup
     response_cache: bool
     decoupled: bool
+    # Inputs fed once at load (model_warmup), so the first client does not pay onnxruntime's first-run cost.
+    warmup_inputs: tuple[Tensor, ...]
     # Settings the runtime (model.py) reads at initialize(); config.pbtxt `parameters`, string values.
     parameters: dict[str, str]
 
@@ -117,15 +123,14 @@ def plan_service(name: str, config: Config, runtime: ResolvedRuntime) -> Service
         outputs=outputs,
         dynamic_batching=DynamicBatching(
             max_queue_delay_microseconds=microseconds(runtime.batch_timeout),
-            default_queue_policy=QueuePolicy(
-                max_queue_size=runtime.max_queue_size,
-                default_timeout_microseconds=microseconds(runtime.queue_timeout),
-            ),
+            default_queue_policy=QueuePolicy(max_queue_size=runtime.max_queue_size),
         ),
         instance_group=_instance_group(model.device, runtime.worker_count),
         # Triton refuses a response cache on decoupled models.
         response_cache=runtime.enable_cache and not decoupled,
         decoupled=decoupled,
+        # Decoupled models take no warm-up; the LLM loads its weights eagerly anyway.
+        warmup_inputs=() if decoupled else inputs,
         parameters=_parameters(model, runtime),
     )
     gateway = GatewayRoute(
@@ -157,6 +162,8 @@ def _parameters(model: AnyModel, runtime: ResolvedRuntime) -> dict[str, str]:
         "artifacts_dir": ARTIFACTS_DIR,
         "max_length": str(model.max_length),
         "inference_timeout_s": f"{runtime.inference_timeout:g}",
+        # For direct Triton clients: the per-request `timeout` (microseconds) the gateway's queue_timeout means.
+        "queue_timeout_us": str(microseconds(runtime.queue_timeout)),
         "worker_count": str(runtime.worker_count),
         # 0: the runtime derives its threads from the cores it finds and worker_count.
         "intra_op_threads": "0",
@@ -184,8 +191,9 @@ def enforcement(plan: ServicePlan) -> list[Enforcement]:
         "max_queue_size": ("triton", f"default_queue_policy.max_queue_size: {policy.max_queue_size}"),
         "worker_count": ("triton", f"instance_group: {group.count} x {group.kind}{gpus}"),
         "queue_timeout": (
-            "triton",
-            f"default_timeout_microseconds: {policy.default_timeout_microseconds}, {policy.timeout_action}",
+            "gateway",
+            f"a Triton call may take queue_timeout + inference_timeout; parameters.queue_timeout_us: "
+            f"{t.parameters['queue_timeout_us']} for direct clients",
         ),
         "inference_timeout": (
             "triton+gateway", f"per-call deadline, gRPC cancel; runtime stops at {r.inference_timeout:g}s"

@@ -6,6 +6,7 @@ Protobuf's text format drops zero values, so fields such as ``max_batch_size`` a
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -53,6 +54,8 @@ def render_model_config(model: TritonModelPlan) -> str:
         sections.append(render_response_cache())
     if model.decoupled:
         sections.append(render_transaction_policy())
+    if model.warmup_inputs:
+        sections.append(render_model_warmup(model.warmup_inputs))
     sections.append(render_parameters(model.parameters))
     return "\n".join(sections) + "\n"
 
@@ -78,7 +81,6 @@ def render_dynamic_batching(batching: DynamicBatching) -> str:
         f"  max_queue_delay_microseconds: {batching.max_queue_delay_microseconds}\n"
         "  default_queue_policy {\n"
         f"    timeout_action: {policy.timeout_action}\n"
-        f"    default_timeout_microseconds: {policy.default_timeout_microseconds}\n"
         f"    allow_timeout_override: {_bool(policy.allow_timeout_override)}\n"
         f"    max_queue_size: {policy.max_queue_size}\n"
         "  }\n"
@@ -99,6 +101,20 @@ def render_response_cache() -> str:
 
 def render_transaction_policy() -> str:
     return "model_transaction_policy {\n  decoupled: true\n}"
+
+
+def render_model_warmup(inputs: tuple[Tensor, ...]) -> str:
+    """One warm-up request of one row, every input zero (empty strings for BYTES)."""
+    blocks = [
+        f'    inputs {{\n      key: "{tensor.name}"\n      value {{\n'
+        f"        data_type: TYPE_{tensor.data_type}\n"
+        f"        dims: [ {', '.join(map(str, tensor.dims))} ]\n"
+        "        zero_data: true\n      }\n    }"
+        for tensor in inputs
+    ]
+    return (
+        'model_warmup [\n  {\n    name: "sluice_warmup"\n    batch_size: 1\n' + "\n".join(blocks) + "\n  }\n]"
+    )
 
 
 def render_parameters(parameters: dict[str, str]) -> str:
@@ -125,6 +141,8 @@ def render_manifest(plan: RepositoryPlan, fingerprints: Mapping[str, str]) -> st
     """sluice.json: the gateway's half of the compiled output (routes, limits, timeouts)."""
     config = plan.config
     gateway = config.gateway.model_dump(exclude={"api_keys"})
+    # Keys travel as sha256 digests: the gateway compares digests, so the compiled output holds no secret.
+    gateway["api_key_sha256"] = sorted(hashlib.sha256(key.encode()).hexdigest() for key in config.gateway.api_keys)
     manifest = {
         "version": MANIFEST_VERSION,
         "server": config.server.model_dump(),

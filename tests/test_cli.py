@@ -43,7 +43,7 @@ def test_explain_shows_each_knob_and_its_triton_field_when_config_is_valid() -> 
         "max_queue_delay_microseconds: 10000",
         "default_queue_policy.max_queue_size: 500",
         "instance_group: 4 x KIND_CPU",
-        "default_timeout_microseconds: 200000, REJECT",
+        "parameters.queue_timeout_us: 200000",
         "10 requests/s",
         "response_cache + gateway item cache",
         "can never bind",

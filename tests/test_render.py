@@ -14,6 +14,7 @@ from compiler.plan import DynamicBatching, InstanceGroup, QueuePolicy
 from compiler.render import (
     render_dynamic_batching,
     render_instance_group,
+    render_model_warmup,
     render_parameters,
     render_repository,
     render_tensors,
@@ -29,12 +30,12 @@ def parse(text: str) -> model_config_pb2.ModelConfig:
 
 
 def test_render_dynamic_batching_sets_delay_and_queue_policy_when_parsed() -> None:
-    text = render_dynamic_batching(DynamicBatching(10_000, QueuePolicy(500, 50_000)))
+    text = render_dynamic_batching(DynamicBatching(10_000, QueuePolicy(500)))
     batching = parse(text).dynamic_batching
     assert batching.max_queue_delay_microseconds == 10_000
     policy = batching.default_queue_policy
     assert policy.max_queue_size == 500
-    assert policy.default_timeout_microseconds == 50_000
+    assert policy.default_timeout_microseconds == 0  # see QueuePolicy: Triton 2.51 mis-schedules with one
     assert policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT
     assert policy.allow_timeout_override is True
 
@@ -60,6 +61,14 @@ def test_render_tensors_marks_optional_inputs_when_parsed() -> None:
     assert (second.data_type, list(second.dims), second.optional) == (model_config_pb2.TYPE_INT32, [-1, 4], True)
 
 
+def test_render_model_warmup_feeds_every_input_zeroes_when_parsed() -> None:
+    text = render_model_warmup((Tensor("query", "STRING", (1,)), Tensor("document", "STRING", (1,))))
+    (warmup,) = parse(text).model_warmup
+    assert warmup.batch_size == 1
+    assert set(warmup.inputs) == {"query", "document"}
+    assert warmup.inputs["query"].zero_data and list(warmup.inputs["query"].dims) == [1]
+
+
 def test_render_parameters_escapes_values_when_they_hold_quotes() -> None:
     config = parse(render_parameters({"b": 'say "hi"\\', "a": "1"}))
     assert config.parameters["b"].string_value == 'say "hi"\\'
@@ -72,7 +81,7 @@ def test_render_repository_maps_every_knob_when_compiling_the_seed() -> None:
     assert embedding.max_batch_size == 64
     assert embedding.dynamic_batching.max_queue_delay_microseconds == 10_000
     assert embedding.dynamic_batching.default_queue_policy.max_queue_size == 500
-    assert embedding.dynamic_batching.default_queue_policy.default_timeout_microseconds == 50_000
+    assert embedding.parameters["queue_timeout_us"].string_value == "50000"
     assert embedding.instance_group[0].count == 4
     assert embedding.response_cache.enable is True
     assert embedding.parameters["inference_timeout_s"].string_value == "0.3"
@@ -82,8 +91,9 @@ def test_render_repository_maps_every_knob_when_compiling_the_seed() -> None:
     llm = parse(files["llm_service/config.pbtxt"])
     assert llm.max_batch_size == 4
     assert llm.model_transaction_policy.decoupled is True
-    assert llm.dynamic_batching.default_queue_policy.default_timeout_microseconds == 200_000
+    assert llm.parameters["queue_timeout_us"].string_value == "200000"
     assert llm.parameters["inference_timeout_s"].string_value == "2"
+    assert not llm.model_warmup and embedding.model_warmup[0].inputs["text"].zero_data
     assert {t.name for t in llm.input if t.optional} == {t.name for t in llm.input}
 
 
