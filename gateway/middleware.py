@@ -1,0 +1,303 @@
+"""Plain ASGI middleware for the gateway: a request body limit, bearer-key auth, and cancel-on-disconnect.
+
+Each validates its options in ``__init__``, handles ``http`` scopes only and passes every other scope (lifespan,
+websocket) straight through. None of them buffers a response, so streaming (``text/event-stream``) flows untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import re
+from collections.abc import Iterable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.errors import GatewayError, PayloadTooLarge, Unauthorized, envelope_bytes
+
+__all__ = ["WATCHER_TASK_NAME", "BearerAuth", "BodySizeLimit", "CancelOnDisconnect", "api_key_digest"]
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+WATCHER_TASK_NAME = "sluice-disconnect-watcher"
+
+
+async def _send_error(send: Send, error: GatewayError) -> None:
+    payload = envelope_bytes(error)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    headers += [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in error.headers.items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload, "more_body": False})
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key.lower() == name:
+            return bytes(value)
+    return None
+
+
+class _BodyTooLarge(Exception):
+    """Raised from ``receive`` once the body passes the limit; never a GatewayError, so no app handler renders it."""
+
+
+class BodySizeLimit:
+    """Reply 413 to requests whose body exceeds ``max_bytes``; the app never receives more than ``max_bytes``.
+
+    A declared ``content-length`` over the limit is refused before the app runs. A body without one (chunked) is
+    counted as the app reads it: the chunk that crosses the limit is not delivered, ``receive`` raises instead, and
+    whatever response the app then tries to send (FastAPI turns the error into a 400, Starlette's error middleware
+    into a 500) is replaced by the 413. If the app had already started its response, the error propagates and the
+    server drops the connection.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
+            raise ValueError(f"max_bytes must be a positive integer, got {max_bytes!r}")
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _error(self) -> PayloadTooLarge:
+        # The unread rest of the body stays on the socket: close the connection rather than keep it alive.
+        return PayloadTooLarge(
+            f"Request body exceeds the limit of {self.max_bytes} bytes.", headers={"connection": "close"}
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > self.max_bytes:
+            await _send_error(send, self._error())
+            return
+
+        received = 0
+        overflowed = False
+        app_started = False  # the app's response began before the overflow: it can no longer be replaced
+        error_sent = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, overflowed
+            if overflowed:
+                raise _BodyTooLarge
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    overflowed = True
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal app_started, error_sent
+            if overflowed and not app_started:
+                if not error_sent:
+                    error_sent = True
+                    await _send_error(send, self._error())
+                return
+            if message["type"] == "http.response.start":
+                app_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except _BodyTooLarge:
+            if app_started:
+                raise
+            if not error_sent:
+                error_sent = True
+                await _send_error(send, self._error())
+
+
+def api_key_digest(key: str) -> str:
+    """The sha256 hex digest that ``BearerAuth`` expects for ``key`` (configure digests, never the keys)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class BearerAuth:
+    """Require ``Authorization: Bearer <key>`` on every HTTP request outside ``exempt_paths``.
+
+    The key is sha256-hashed and compared with every configured digest in constant time; the matching digest is put
+    in ``scope["state"]["api_key_digest"]`` for per-key rate limits. Missing or wrong keys get a 401 envelope with
+    ``WWW-Authenticate: Bearer``; the key itself is never logged or echoed. With no digests, everything passes.
+    """
+
+    def __init__(self, app: ASGIApp, key_digests: Iterable[str], exempt_paths: Iterable[str] = frozenset()) -> None:
+        digests = sorted(frozenset(key_digests))
+        for index, digest in enumerate(digests):
+            # The value is not echoed: a raw key passed here by mistake must not reach the logs.
+            if not isinstance(digest, str) or not _SHA256_HEX.fullmatch(digest):
+                raise ValueError(
+                    f"key_digests[{index}] (sorted) is not a lowercase sha256 hex digest (64 characters of 0-9a-f)"
+                )
+        paths = frozenset(exempt_paths)
+        for path in sorted(paths):
+            if not isinstance(path, str) or not path.startswith("/"):
+                raise ValueError(f"exempt_paths entries must be paths starting with '/', got {path!r}")
+        self.app = app
+        self._digests = tuple(digests)
+        self.exempt_paths = paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self._digests or scope["path"] in self.exempt_paths:
+            await self.app(scope, receive, send)
+            return
+        key = self._presented_key(scope)
+        if key is None:
+            await _send_error(
+                send,
+                Unauthorized(
+                    "Missing API key: send it as 'Authorization: Bearer <key>'.",
+                    headers={"www-authenticate": "Bearer"},
+                ),
+            )
+            return
+        presented = hashlib.sha256(key).hexdigest()
+        matched: str | None = None
+        for digest in self._digests:  # every digest, so the time taken does not tell which one matched
+            if hmac.compare_digest(presented, digest):
+                matched = digest
+        if matched is None:
+            await _send_error(send, Unauthorized("Invalid API key.", headers={"www-authenticate": "Bearer"}))
+            return
+        scope.setdefault("state", {})["api_key_digest"] = matched
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _presented_key(scope: Scope) -> bytes | None:
+        value = _header(scope, b"authorization")
+        if value is None:
+            return None
+        scheme, _, key = value.strip().partition(b" ")
+        key = key.strip()
+        if scheme.lower() != b"bearer" or not key:
+            return None
+        return key
+
+
+def _declares_no_body(scope: Scope) -> bool:
+    """True for HTTP/1.x requests that carry no body (no transfer-encoding, content-length absent or 0)."""
+    if scope.get("http_version") not in ("1.0", "1.1") or _header(scope, b"transfer-encoding") is not None:
+        return False
+    declared = _header(scope, b"content-length")
+    return declared is None or declared.strip() == b"0"
+
+
+class _DisconnectWatch:
+    """One request's disconnect watch; see ``CancelOnDisconnect``."""
+
+    def __init__(self, receive: Receive, task: asyncio.Task[object]) -> None:
+        self._receive = receive
+        self._task = task
+        self._watcher: asyncio.Task[None] | None = None
+        self._read_ahead: Message | None = None  # the bodiless request's one http.request, read by the watcher
+        self._read_ahead_pending = False
+        self._wake = asyncio.Event()  # read-ahead message stored, or the watcher ended
+        self._gone = False  # http.disconnect seen (or the response completed): later receives say disconnect
+        self._response_complete = False
+        self._app_done = False
+        self._cancel_requested = False
+        self._uncancelled = False
+
+    def start_watcher(self, *, read_ahead: bool) -> None:
+        self._read_ahead_pending = read_ahead
+        self._watcher = asyncio.create_task(self._watch(), name=WATCHER_TASK_NAME)
+        self._watcher.add_done_callback(lambda _: self._wake.set())
+
+    async def _watch(self) -> None:
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                break
+            if message["type"] == "http.request" and self._read_ahead_pending:
+                self._read_ahead_pending = False
+                self._read_ahead = message
+                self._wake.set()
+        self._gone = True
+        # Servers also answer http.disconnect once the response is complete (uvicorn does): only a disconnect
+        # before that is the client going away.
+        if not self._app_done and not self._response_complete:
+            self._cancel_requested = True
+            self._task.cancel()
+
+    async def receive(self) -> Message:
+        if self._watcher is None:  # the app is still reading the body: pass through, keeping its backpressure
+            if self._gone:
+                return {"type": "http.disconnect"}
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                # The app learns of this one from the message itself (Starlette raises ClientDisconnect).
+                self._gone = True
+            elif message["type"] == "http.request" and not message.get("more_body", False):
+                self.start_watcher(read_ahead=False)
+            return message
+        while True:
+            if self._read_ahead is not None:
+                message, self._read_ahead = self._read_ahead, None
+                return message
+            if self._watcher.done():
+                if not self._watcher.cancelled() and (error := self._watcher.exception()) is not None:
+                    raise error
+                return {"type": "http.disconnect"}
+            await self._wake.wait()
+            self._wake.clear()
+
+    async def send(self, message: Message, send: Send) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self._response_complete = True
+        await send(message)
+
+    def finish(self) -> bool:
+        """Mark the app done (before any further await); True when our cancellation is the only one on the task."""
+        self._app_done = True
+        if self._cancel_requested and not self._uncancelled:
+            self._uncancelled = True
+            self._task.uncancel()
+        return self._cancel_requested and self._task.cancelling() == 0
+
+    async def stop(self) -> None:
+        if self._watcher is None:
+            return
+        self._watcher.cancel()
+        await asyncio.wait({self._watcher})
+        if not self._watcher.cancelled():
+            self._watcher.result()  # re-raises a failure of the wrapped receive that the app never saw
+
+
+class CancelOnDisconnect:
+    """Cancel the app's task when the client disconnects before the response is complete.
+
+    Once the request body has been delivered to the app (at once for a request that declares none), a watcher
+    task reads the server's ``receive``. On ``http.disconnect`` it marks the connection gone and cancels the app's
+    task, so ``CancelledError`` runs through the app's ``finally`` blocks and cancels its in-flight gRPC calls; any
+    later ``receive`` by the app returns ``http.disconnect``. While the app is still reading the body, disconnects
+    reach it as the ``http.disconnect`` message only. Our own cancellation ends the request quietly; a cancellation
+    from outside (server shutdown) still propagates.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("CancelOnDisconnect must run inside an asyncio task")
+        watch = _DisconnectWatch(receive, task)
+        if _declares_no_body(scope):
+            watch.start_watcher(read_ahead=True)
+
+        async def watched_send(message: Message) -> None:
+            await watch.send(message, send)
+
+        try:
+            await self.app(scope, watch.receive, watched_send)
+        except asyncio.CancelledError:
+            if not watch.finish():
+                raise
+        finally:
+            watch.finish()
+            await watch.stop()
