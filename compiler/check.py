@@ -111,7 +111,7 @@ def _address_errors(config: Config) -> list[ConfigIssue]:
         if port in seen:
             errors.append(ConfigIssue(path, f"port {port} is already used by {seen[port]}"))
         seen.setdefault(port, path)
-    if not config.gateway.api_keys and not _is_loopback(config.gateway.host):
+    if not config.gateway.api_keys and not is_loopback(config.gateway.host):
         errors.append(ConfigIssue(
             "gateway.host",
             f"refusing to listen on {config.gateway.host!r} without gateway.api_keys; "
@@ -120,7 +120,7 @@ def _address_errors(config: Config) -> list[ConfigIssue]:
     return errors
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from compiler.explain import render_explanation
 from compiler.pipeline import Compiled, build_plan, compile_repository
+from gateway.settings import GatewaySettings
 from sluice.errors import SluiceError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -101,6 +102,63 @@ def serve_command(
         err_console.print("stopped")
     except SluiceError as error:
         raise _fail(error) from None
+
+
+@app.command("gateway")
+def gateway_command(
+    repository: Annotated[Path, typer.Option(help="Compiled model repository (its sluice.json)")] = DEFAULT_REPOSITORY,
+    triton_grpc: Annotated[str | None, typer.Option(help="Triton's gRPC address, host:port")] = None,
+    host: Annotated[str | None, typer.Option(help="Listen address (default: sluice.json's)")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port (default: sluice.json's)")] = None,
+) -> None:
+    """Serve the REST gateway in front of an already running Triton."""
+    from sluice.serve import run_gateway
+
+    try:
+        settings = GatewaySettings.from_repository(repository, triton_grpc=triton_grpc, host=host, port=port)
+        _say(f"gateway http://{settings.host}:{settings.port}  ->  triton grpc {settings.triton_grpc}")
+        run_gateway(settings, _say)
+    except SluiceError as error:
+        raise _fail(error) from None
+
+
+@app.command("up")
+def up_command(
+    config: ConfigArg = DEFAULT_CONFIG,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Model repository to serve")] = DEFAULT_REPOSITORY,
+) -> None:
+    """Compile CONFIG, start tritonserver and the gateway, and serve until Ctrl-C."""
+    from sluice.serve import run_gateway, running_triton, stop_on_signals
+
+    try:
+        with stop_on_signals(), running_triton(config, output, say=_say, cache_root=cache_root()) as serving:
+            assert serving.grpc_url is not None
+            settings = GatewaySettings.from_repository(output, triton_grpc=serving.grpc_url)
+            _print_endpoints(settings)
+            run_gateway(settings, _say)
+    except KeyboardInterrupt:
+        err_console.print("stopped")
+    except SluiceError as error:
+        raise _fail(error) from None
+
+
+def _print_endpoints(settings: GatewaySettings) -> None:
+    base = f"http://{settings.host}:{settings.port}"
+    by_type = {route.type: route.service for route in settings.routes.values()}
+    lines = [f"gateway {base}/v1  (GET /v1/models, /health, /ready, /metrics); Ctrl-C stops everything"]
+    if "embedding" in by_type:
+        lines.append(f"  curl -s {base}/v1/embeddings -H 'content-type: application/json' "
+                     f"-d '{{\"model\": \"{by_type['embedding']}\", \"input\": [\"hello world\"]}}'")
+    if "reranker" in by_type:
+        lines.append(f"  curl -s {base}/v1/rerank -H 'content-type: application/json' "
+                     f"-d '{{\"model\": \"{by_type['reranker']}\", \"query\": \"what do cats eat\", "
+                     f"\"documents\": [\"stocks fell\", \"cats eat fish\"]}}'")
+    if "llm" in by_type:
+        lines.append(f"  curl -sN {base}/v1/chat/completions -H 'content-type: application/json' "
+                     f"-d '{{\"model\": \"{by_type['llm']}\", \"stream\": true, "
+                     f"\"messages\": [{{\"role\": \"user\", \"content\": \"hi\"}}]}}'")
+    for line in lines:
+        out_console.print(line, highlight=False, soft_wrap=True)
 
 
 def main() -> None:

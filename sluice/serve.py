@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from compiler.check import is_loopback
 from compiler.pipeline import Compiled, compile_repository
+from gateway.settings import GatewaySettings
 from sluice.errors import SluiceError
 from sluice.triton_server import TritonServer, TritonSettings
 
@@ -115,3 +117,20 @@ def wait_forever(alive: Callable[[], bool], what: str) -> None:
     while alive():
         time.sleep(0.5)
     raise SluiceError(f"{what} exited unexpectedly")
+
+
+def run_gateway(settings: GatewaySettings, say: Say) -> None:
+    """Serve the gateway until SIGINT/SIGTERM (uvicorn's own handlers: it drains, closes, then re-raises)."""
+    import uvicorn
+
+    from gateway.app import create_app
+
+    if not settings.key_digests:
+        if not is_loopback(settings.host):
+            raise SluiceError(f"refusing to listen on {settings.host} without API keys (gateway.api_keys)")
+        say(f"no API keys configured: the gateway listens on {settings.host} only")
+    config = uvicorn.Config(
+        create_app(settings), host=settings.host, port=settings.port, log_level="warning",
+        access_log=False, loop="uvloop", http="httptools", lifespan="on",
+    )
+    uvicorn.Server(config).run()

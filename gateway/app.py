@@ -1,0 +1,128 @@
+"""The gateway application: ``create_app(settings)`` builds it; its lifespan opens and closes the Triton channel,
+the rate-limit storage and the cache. No module-level state."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from .cache import create_cache
+from .completions import create_chat_completion, create_completion
+from .embeddings import create_embeddings
+from .errors import DeadlineExceeded, GatewayError, NotFound, Unavailable
+from .metrics import GatewayMetrics, RequestMetrics
+from .middleware import BearerAuth, BodySizeLimit, CancelOnDisconnect
+from .ratelimit import RateLimiter
+from .rerank import rerank
+from .settings import GatewaySettings
+from .state import Gateway, json_response
+from .triton import Triton
+
+log = logging.getLogger("sluice.gateway")
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+
+
+def create_app(settings: GatewaySettings) -> Starlette:
+    metrics = GatewayMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        gateway = Gateway(
+            settings=settings,
+            triton=Triton(settings.triton_grpc),
+            limiter=RateLimiter.from_url(settings.redis_url),
+            cache=create_cache(settings.redis_url, settings.cache_max_items),
+            metrics=metrics,
+        )
+        app.state.gateway = gateway
+        try:
+            yield
+        finally:
+            # Close the Triton channel before Triton stops: an idle connection holds its shutdown.
+            await gateway.triton.close()
+            await gateway.limiter.close()
+            await gateway.cache.close()
+
+    routes = [
+        Route("/v1/embeddings", create_embeddings, methods=["POST"]),
+        Route("/v1/rerank", rerank, methods=["POST"]),
+        Route("/v2/rerank", rerank, methods=["POST"]),
+        Route("/v1/completions", create_completion, methods=["POST"]),
+        Route("/v1/chat/completions", create_chat_completion, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
+        Route("/metrics", prometheus, methods=["GET"]),
+    ]
+    middleware = [
+        Middleware(RequestMetrics, metrics=metrics),
+        Middleware(CancelOnDisconnect),
+        Middleware(BearerAuth, key_digests=settings.key_digests, exempt_paths=OPEN_PATHS),
+        Middleware(BodySizeLimit, max_bytes=settings.max_request_bytes),
+    ]
+    handlers: dict[Any, Any] = {
+        GatewayError: gateway_error,
+        HTTPException: http_error,
+        Exception: unexpected_error,
+    }
+    return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
+
+
+async def gateway_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, GatewayError)
+    if isinstance(error, DeadlineExceeded) and (service := getattr(request.state, "service", None)):
+        request.app.state.gateway.metrics.deadlines.labels(service).inc()
+    return json_response(error.body(), error.headers, error.status)
+
+
+async def http_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, HTTPException)
+    wrapped = GatewayError(str(error.detail))
+    wrapped.status, wrapped.type, wrapped.code = error.status_code, "invalid_request_error", None
+    if error.status_code == 404:
+        wrapped = NotFound(f"no route {request.url.path}")
+        wrapped.code = "not_found"
+    return json_response(wrapped.body(), dict(error.headers or {}), error.status_code)
+
+
+async def unexpected_error(request: Request, error: Exception) -> Response:
+    log.exception("unexpected error on %s", request.url.path, exc_info=error)
+    return json_response(GatewayError("internal error; see the gateway log").body(), status=500)
+
+
+async def list_models(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    data = [
+        {"id": route.service, "object": "model", "created": 0, "owned_by": "sluice", "type": route.type,
+         "model": route.model}
+        for route in sorted(gateway.settings.routes.values(), key=lambda r: r.service)
+    ]
+    return json_response({"object": "list", "data": data})
+
+
+async def health(request: Request) -> Response:
+    return json_response({"status": "alive"})
+
+
+async def ready(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    missing = await gateway.triton.ready(sorted(gateway.settings.routes))
+    if missing:
+        error = Unavailable(f"not ready: {', '.join(missing)}")
+        return json_response(error.body(), {"Retry-After": "1"}, error.status)
+    return json_response({"status": "ready", "services": sorted(gateway.settings.routes)})
+
+
+async def prometheus(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,191 @@
+"""POST /v1/completions and /v1/chat/completions (OpenAI shapes), streamed as server-sent events or whole.
+
+Each prompt is one decoupled Triton request over a gRPC stream. The whole response, stream included, runs under
+the service's total deadline; each Triton stream under its inference_timeout. Past either, a whole response is a
+504 and a stream ends with an error event, then ``[DONE]``; the Triton request is cancelled either way.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from .admission import Call, admit, gather, parse_body
+from .errors import DeadlineExceeded, GatewayError, Unprocessable
+from .protocol import ChatRequest, CompletionRequest, _Sampling
+from .state import json_response
+from .triton import text_column
+
+if TYPE_CHECKING:
+    from .state import Gateway
+
+
+@dataclass(frozen=True)
+class Piece:
+    text: str
+    finish_reason: str  # "" until the last piece
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def _llm_inputs(body: _Sampling, max_tokens: int | None, **text: str) -> dict[str, Any]:
+    (name, value), = text.items()
+    inputs: dict[str, Any] = {name: text_column([value])}
+    if max_tokens is not None:
+        inputs["max_tokens"] = np.array([[max_tokens]], np.int32)
+    inputs["temperature"] = np.array([[body.temperature]], np.float32)
+    inputs["top_p"] = np.array([[body.top_p]], np.float32)
+    if body.seed is not None:
+        inputs["seed"] = np.array([[body.seed]], np.int64)
+    if body.stop:
+        inputs["stop"] = text_column([json.dumps(body.stop_list())])
+    return inputs
+
+
+async def generate(gateway: Gateway, call: Call, inputs: dict[str, Any], arrival: float) -> AsyncIterator[Piece]:
+    """The pieces of one generation; raises DeadlineExceeded when the runtime stopped it for inference_timeout."""
+    service = call.route.service
+    first = True
+    async for result in gateway.triton.stream(service, inputs, call.call_timeout()):
+        piece = Piece(
+            text=result.as_numpy("text_output").ravel()[0].decode("utf-8"),
+            finish_reason=result.as_numpy("finish_reason").ravel()[0].decode("utf-8"),
+            prompt_tokens=int(result.as_numpy("prompt_tokens").ravel()[0]),
+            completion_tokens=int(result.as_numpy("completion_tokens").ravel()[0]),
+        )
+        if first and piece.text:
+            gateway.metrics.first_token.labels(service).observe(time.monotonic() - arrival)
+            first = False
+        if piece.finish_reason:
+            gateway.metrics.prompt_tokens.labels(service).inc(piece.prompt_tokens)
+            gateway.metrics.completion_tokens.labels(service).inc(piece.completion_tokens)
+            if piece.finish_reason == "timeout":
+                raise DeadlineExceeded(
+                    f"{service} stopped generating at its inference_timeout of {call.route.inference_timeout:g} s"
+                )
+        yield piece
+
+
+async def collect(gateway: Gateway, call: Call, inputs: dict[str, Any], arrival: float) -> Piece:
+    """A whole generation as one piece."""
+    texts, last = [], None
+    async for piece in generate(gateway, call, inputs, arrival):
+        texts.append(piece.text)
+        last = piece
+    if last is None:
+        raise GatewayError(f"{call.route.service} ended the stream without a final response")
+    return Piece("".join(texts), last.finish_reason, last.prompt_tokens, last.completion_tokens)
+
+
+def _usage(piece: Piece) -> dict[str, int]:
+    return {
+        "prompt_tokens": piece.prompt_tokens,
+        "completion_tokens": piece.completion_tokens,
+        "total_tokens": piece.prompt_tokens + piece.completion_tokens,
+    }
+
+
+async def create_completion(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    body = await parse_body(request, CompletionRequest)
+    route = gateway.settings.resolve(body.model, ("llm",))
+    prompts = body.prompts()
+    if body.stream and len(prompts) > 1:
+        raise Unprocessable("prompt: streaming takes one prompt", param="prompt")
+    call = await admit(gateway, request, route, items=len(prompts), items_param="prompt")
+    arrival = request.state.arrival
+    requests = [_llm_inputs(body, body.max_tokens, text_input=prompt) for prompt in prompts]
+    ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def chunk(piece: Piece) -> dict[str, Any]:
+        choice = {"index": 0, "text": piece.text, "finish_reason": piece.finish_reason or None, "logprobs": None}
+        return {"id": ident, "object": "text_completion", "created": created, "model": route.service,
+                "choices": [choice]}
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _event_stream(call, generate(gateway, call, requests[0], arrival), chunk, include_usage)
+    async with call.deadline():
+        pieces = await gather(*(collect(gateway, call, inputs, arrival) for inputs in requests))
+    totals = Piece("", "", sum(p.prompt_tokens for p in pieces), sum(p.completion_tokens for p in pieces))
+    return json_response({
+        "id": ident, "object": "text_completion", "created": created, "model": route.service,
+        "choices": [
+            {"index": i, "text": p.text, "finish_reason": p.finish_reason, "logprobs": None}
+            for i, p in enumerate(pieces)
+        ],
+        "usage": _usage(totals),
+    }, call.headers)
+
+
+async def create_chat_completion(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    body = await parse_body(request, ChatRequest)
+    route = gateway.settings.resolve(body.model, ("llm",))
+    call = await admit(gateway, request, route)
+    messages = json.dumps([{"role": m.role, "content": m.text()} for m in body.messages])
+    inputs = _llm_inputs(body, body.token_limit(), messages=messages)
+    ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    role_sent = False
+
+    def chunk(piece: Piece) -> dict[str, Any]:
+        nonlocal role_sent
+        delta: dict[str, str] = {"content": piece.text} if piece.text or not piece.finish_reason else {}
+        if not role_sent:
+            delta = {"role": "assistant", **delta}
+            role_sent = True
+        choice = {"index": 0, "delta": delta, "finish_reason": piece.finish_reason or None, "logprobs": None}
+        return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": route.service,
+                "choices": [choice]}
+
+    arrival = request.state.arrival
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _event_stream(call, generate(gateway, call, inputs, arrival), chunk, include_usage)
+    async with call.deadline():
+        piece = await collect(gateway, call, inputs, arrival)
+    return json_response({
+        "id": ident, "object": "chat.completion", "created": created, "model": route.service,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": piece.text},
+            "finish_reason": piece.finish_reason,
+            "logprobs": None,
+        }],
+        "usage": _usage(piece),
+    }, call.headers)
+
+
+def _event_stream(
+    call: Call, pieces: AsyncIterator[Piece], chunk: Callable[[Piece], dict[str, Any]], include_usage: bool
+) -> StreamingResponse:
+    async def events() -> AsyncIterator[bytes]:
+        last: Piece | None = None
+        try:
+            async with call.deadline():
+                async for piece in pieces:
+                    last = piece
+                    yield _sse(chunk(piece))
+        except GatewayError as error:  # a stream cannot change its status: the error is its last event
+            yield _sse(error.body())
+        else:
+            if include_usage and last is not None:
+                usage_chunk = chunk(last) | {"choices": [], "usage": _usage(last)}
+                yield _sse(usage_chunk)
+        yield b"data: [DONE]\n\n"
+
+    headers = call.headers | {"cache-control": "no-cache", "x-accel-buffering": "no"}
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+def _sse(data: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(data) + b"\n\n"

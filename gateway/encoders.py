@@ -1,0 +1,120 @@
+"""Embeddings and rerank scores: per-item cache first, then Triton for the misses, in requests of at most
+``batch_size`` rows sent concurrently, reassembled in order.
+
+Cached value of one item: int32 token count, one truncation byte, then float32 values (the embedding, or one
+score).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+from starlette.requests import Request
+
+from .admission import Call, gather
+from .cache import item_key
+from .triton import text_column
+
+if TYPE_CHECKING:
+    from .state import Gateway
+
+
+@dataclass(frozen=True)
+class Encoded:
+    values: npt.NDArray[np.float32]  # [items, dim] or [items] scores
+    tokens: npt.NDArray[np.int32]
+    truncated: npt.NDArray[np.bool_]
+    hits: int
+
+
+def _pack(tokens: int, truncated: bool, values: npt.NDArray[np.float32]) -> bytes:
+    return np.int32(tokens).tobytes() + bytes([truncated]) + np.ascontiguousarray(values, np.float32).tobytes()
+
+
+def _unpack(blob: bytes) -> tuple[int, bool, npt.NDArray[np.float32]]:
+    return int(np.frombuffer(blob[:4], np.int32)[0]), bool(blob[4]), np.frombuffer(blob[5:], np.float32)
+
+
+async def encode(
+    gateway: Gateway,
+    call: Call,
+    items: Sequence[tuple[str, ...]],
+    use_cache: bool,
+) -> Encoded:
+    """Embeddings (items of one text) or scores (items of a query and a document), in the items' order."""
+    route = call.route
+    cached: list[bytes | None] = [None] * len(items)
+    keys: list[str] = []
+    caching = route.enable_cache and gateway.cache is not None
+    if caching:
+        keys = [item_key(route.service, route.fingerprint, {"type": route.type}, "\0".join(item)) for item in items]
+        if use_cache:
+            cached = await gateway.cache.get_many(keys)
+    misses = [i for i, blob in enumerate(cached) if blob is None]
+    fresh = await _infer(gateway, call, [items[i] for i in misses]) if misses else None
+    if caching:
+        gateway.metrics.cache_hits.labels(route.service).inc(len(items) - len(misses))
+        gateway.metrics.cache_misses.labels(route.service).inc(len(misses))
+    tokens = np.empty(len(items), np.int32)
+    truncated = np.empty(len(items), np.bool_)
+    rows: list[npt.NDArray[np.float32]] = [np.empty(0, np.float32)] * len(items)
+    for i, blob in enumerate(cached):
+        if blob is not None:
+            tokens[i], truncated[i], rows[i] = _unpack(blob)
+    if fresh is not None:
+        fresh_tokens, fresh_truncated, fresh_values = fresh
+        for j, i in enumerate(misses):
+            tokens[i], truncated[i], rows[i] = fresh_tokens[j], fresh_truncated[j], fresh_values[j]
+        if caching:
+            await gateway.cache.set_many({
+                keys[i]: _pack(int(fresh_tokens[j]), bool(fresh_truncated[j]), fresh_values[j])
+                for j, i in enumerate(misses)
+            })
+    values = np.stack(rows) if route.type == "embedding" else np.concatenate(rows)
+    return Encoded(values, tokens, truncated, len(items) - len(misses))
+
+
+async def _infer(
+    gateway: Gateway, call: Call, items: list[tuple[str, ...]]
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.bool_], npt.NDArray[np.float32]]:
+    route = call.route
+    size = route.batch_size
+    chunks = [items[start : start + size] for start in range(0, len(items), size)]
+    results = await gather(*(_infer_chunk(gateway, call, chunk) for chunk in chunks))
+    value_name = "embedding" if route.type == "embedding" else "score"
+    return (
+        np.concatenate([r["tokens"].reshape(-1) for r in results]).astype(np.int32),
+        np.concatenate([r["truncated"].reshape(-1) for r in results]).astype(np.bool_),
+        np.concatenate([r[value_name] for r in results]).astype(np.float32),
+    )
+
+
+async def _infer_chunk(gateway: Gateway, call: Call, chunk: list[tuple[str, ...]]) -> dict[str, Any]:
+    route = call.route
+    if route.type == "embedding":
+        inputs = {"text": text_column([item[0] for item in chunk])}
+        outputs = ["embedding", "tokens", "truncated"]
+    else:
+        inputs = {"query": text_column([item[0] for item in chunk]),
+                  "document": text_column([item[1] for item in chunk])}
+        outputs = ["score", "tokens", "truncated"]
+    started = time.monotonic()
+    try:
+        return await gateway.triton.infer(route.service, inputs, outputs, call.call_timeout())
+    finally:
+        gateway.metrics.triton_latency.labels(route.service).observe(time.monotonic() - started)
+
+
+def cache_allowed(request: Request) -> bool:
+    """``Cache-Control: no-cache`` (or no-store) makes the request skip the cache."""
+    directives = request.headers.get("cache-control", "").lower()
+    return "no-cache" not in directives and "no-store" not in directives
+
+
+def cache_headers(hits: int, items: int) -> dict[str, str]:
+    return {"x-sluice-cache-hits": str(hits), "x-sluice-cache-misses": str(items - hits)}

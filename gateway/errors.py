@@ -1,0 +1,65 @@
+"""The gateway's errors: raised anywhere, turned into one JSON envelope by one set of handlers (app.py).
+
+``{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}``, the OpenAI shape, so OpenAI clients
+surface the message.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+class GatewayError(Exception):
+    """An error with its HTTP status; ``param`` names the request field at fault, when one is."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class BadRequest(GatewayError):
+    status, type, code = 400, "invalid_request_error", "bad_request"
+
+
+class Unauthorized(GatewayError):
+    status, type, code = 401, "authentication_error", "invalid_api_key"
+
+
+class NotFound(GatewayError):
+    status, type, code = 404, "invalid_request_error", "model_not_found"
+
+
+class PayloadTooLarge(GatewayError):
+    status, type, code = 413, "invalid_request_error", "payload_too_large"
+
+
+class Unprocessable(GatewayError):
+    status, type, code = 422, "invalid_request_error", "invalid_value"
+
+
+class RateLimited(GatewayError):
+    status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+
+
+class Unavailable(GatewayError):
+    """Triton turned the request away (queue full, queue timeout) or cannot be reached."""
+
+    status, type, code = 503, "server_error", "unavailable"
+
+
+class DeadlineExceeded(GatewayError):
+    status, type, code = 504, "timeout_error", "deadline_exceeded"
+
+
+def envelope_bytes(error: GatewayError) -> bytes:
+    return json.dumps(error.body()).encode()

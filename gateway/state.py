@@ -1,0 +1,32 @@
+"""What every request handler reaches through ``request.app.state.gateway``, and the one JSON response maker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.responses import Response
+
+from .cache import ItemCache
+from .metrics import GatewayMetrics
+from .ratelimit import RateLimiter
+from .settings import GatewaySettings
+from .triton import Triton
+
+
+@dataclass
+class Gateway:
+    """What every request needs, opened by the lifespan."""
+
+    settings: GatewaySettings
+    triton: Triton
+    limiter: RateLimiter
+    cache: ItemCache
+    metrics: GatewayMetrics
+
+
+def json_response(payload: Any, headers: dict[str, str] | None = None, status: int = 200) -> Response:
+    # orjson writes numpy arrays (embeddings) directly, without a list of Python floats in between.
+    body = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
