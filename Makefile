@@ -14,9 +14,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 up: $(STAMP)
-	@echo "make up: the gateway is not built yet; this serves config.yaml on Triton alone (Ctrl-C stops it)."
 	$(VENV)/bin/sluice models
-	$(VENV)/bin/sluice serve config.yaml -o model_repository
+	$(VENV)/bin/sluice up config.yaml -o model_repository
 
 models: $(STAMP)
 	$(VENV)/bin/sluice models

@@ -1,11 +1,13 @@
-"""Embedding throughput: served by Triton (16 concurrent single-text clients) against in-process onnxruntime.
+"""Embedding throughput through the gateway, through Triton directly, and in-process onnxruntime, in one run.
 
     python -m benchmarks.embeddings [--config config.yaml] [--service embedding_service]
 
-Compiles the one service into a scratch repository, starts tritonserver on free loopback ports, then measures, in
-one run on the same texts: in-process onnxruntime on the same exported graph (all cores, batch 1 and batch 16:
-the ceiling), and Triton over gRPC with N concurrent clients each sending one text per request (throughput and
-latency percentiles). Run it alone: on 2 cores anything else running skews every figure.
+Compiles the one service into a scratch repository (its rate limit lifted, its cache on), starts tritonserver and
+a `sluice gateway` process on free loopback ports, then measures on the same texts: in-process onnxruntime on the
+same exported graph (all cores, batch 1 and batch 16: the ceiling); Triton over gRPC; the gateway over HTTP with
+every text new (cache misses); the gateway again with the same texts (cache hits). Each served measurement uses N
+concurrent clients, each sending one text per request and awaiting the answer. Run it alone: on 2 cores anything
+else running skews every figure.
 """
 
 from __future__ import annotations
@@ -14,12 +16,18 @@ import argparse
 import asyncio
 import json
 import os
+import signal
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 import tritonclient.grpc.aio as grpc_aio
 import yaml
@@ -33,9 +41,10 @@ from sluice.triton_server import TritonServer, TritonSettings, free_ports
 
 
 def single_service_config(config: Path, service: str) -> dict[str, Any]:
-    """The config with only ``service`` (and its model), with absolute model paths."""
+    """The config with only ``service`` (and its model), absolute model paths, no rate limit, the cache on."""
     data = yaml.safe_load(config.read_text(encoding="utf-8"))
     chosen = data["services"][service]
+    chosen["runtime"] = {**chosen.get("runtime", {}), "rate_limit": 1_000_000, "enable_cache": True}
     model = dict(data["models"][chosen["model"]])
     path = config.parent / model["model_name"]
     if path.exists():
@@ -92,6 +101,58 @@ def triton_sender(client: grpc_aio.InferenceServerClient, service: str) -> Calla
     return send
 
 
+def gateway_sender(session: aiohttp.ClientSession, url: str, service: str) -> Callable[[str], Any]:
+    async def send(text: str) -> None:
+        async with session.post(url, json={"model": service, "input": text}) as response:
+            if response.status != 200:
+                raise InferenceServerException(f"gateway answered {response.status}: {await response.text()}")
+            await response.read()
+
+    return send
+
+
+async def measure_gateway(url: str, service: str, clients: int, texts: list[str]) -> dict[str, Any]:
+    """Misses (new texts), then hits (the same texts again)."""
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        send = gateway_sender(session, f"{url}/v1/embeddings", service)
+        await closed_loop(clients, [f"gateway warm-up {i}" for i in range(200)], send)
+        misses = await closed_loop(clients, texts, send)
+        hits = await closed_loop(clients, texts, send)
+    return {name: {"texts_per_s": round(run[0], 1), **percentiles(run[1]), "refused": run[2]}
+            for name, run in (("misses", misses), ("hits", hits))}
+
+
+@contextmanager
+def gateway_process(repository: Path, grpc_url: str) -> Iterator[str]:
+    """`sluice gateway` in its own process, as deployed."""
+    (port,) = free_ports(1)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sluice", "gateway", "--repository", str(repository), "--triton-grpc", grpc_url,
+         "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not _ready(url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the gateway did not start: {process.stderr.read() if process.stderr else ''}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/ready", timeout=2) as response:  # noqa: S310 - loopback URL
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
 async def measure_triton(grpc_url: str, service: str, clients: int, texts: list[str]) -> dict[str, Any]:
     client = grpc_aio.InferenceServerClient(grpc_url)
     try:
@@ -131,6 +192,10 @@ def main() -> None:
                                   metrics_port=metrics_port)
         with TritonServer(settings) as server:
             served = asyncio.run(measure_triton(server.grpc_url, args.service, args.clients, texts))
+            with gateway_process(repository, server.grpc_url) as url:
+                # Other texts than Triton's run, so Triton's own response cache cannot answer them.
+                gateway_texts = benchmark_texts(args.texts, seed=1)
+                through_gateway = asyncio.run(measure_gateway(url, args.service, args.clients, gateway_texts))
     best = max(ceiling.values())
     report = {
         "service": args.service,
@@ -142,11 +207,20 @@ def main() -> None:
         "cores": os.cpu_count(),
         "in_process_texts_per_s": ceiling,
         "triton": served,
+        "gateway": through_gateway,
         "triton_over_in_process": round(served["texts_per_s"] / best, 3),
+        "gateway_over_triton": round(through_gateway["misses"]["texts_per_s"] / served["texts_per_s"], 3),
+        "cache_hits_over_misses": round(
+            through_gateway["hits"]["texts_per_s"] / through_gateway["misses"]["texts_per_s"], 1
+        ),
     }
     print(json.dumps(report, indent=2))
-    print(f"\nTriton {served['texts_per_s']} texts/s (p50 {served['p50_ms']} ms, p99 {served['p99_ms']} ms) = "
-          f"{report['triton_over_in_process']} x in-process {best} texts/s")
+    misses, hits = through_gateway["misses"], through_gateway["hits"]
+    print(f"\nin-process {best} texts/s | Triton {served['texts_per_s']} (p50 {served['p50_ms']} ms, "
+          f"p99 {served['p99_ms']} ms) = {report['triton_over_in_process']} x in-process | gateway misses "
+          f"{misses['texts_per_s']} (p50 {misses['p50_ms']}, p99 {misses['p99_ms']} ms) = "
+          f"{report['gateway_over_triton']} x Triton | gateway hits {hits['texts_per_s']} (p50 {hits['p50_ms']}, "
+          f"p99 {hits['p99_ms']} ms) = {report['cache_hits_over_misses']} x misses")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 

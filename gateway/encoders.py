@@ -85,7 +85,10 @@ async def _infer(
     route = call.route
     size = route.batch_size
     chunks = [items[start : start + size] for start in range(0, len(items), size)]
-    results = await gather(*(_infer_chunk(gateway, call, chunk) for chunk in chunks))
+    if len(chunks) == 1:  # the common case: no task group to set up
+        results = [await _infer_chunk(gateway, call, chunks[0])]
+    else:
+        results = await gather(*(_infer_chunk(gateway, call, chunk) for chunk in chunks))
     value_name = "embedding" if route.type == "embedding" else "score"
     return (
         np.concatenate([r["tokens"].reshape(-1) for r in results]).astype(np.int32),

@@ -132,5 +132,8 @@ def run_gateway(settings: GatewaySettings, say: Say) -> None:
     config = uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port, log_level="warning",
         access_log=False, loop="uvloop", http="httptools", lifespan="on",
+        # Clients reach the gateway directly or through a proxy that the operator configures; trusting
+        # X-Forwarded-* by default would let any client spoof its address.
+        proxy_headers=False, server_header=False,
     )
     uvicorn.Server(config).run()
