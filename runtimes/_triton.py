@@ -15,7 +15,7 @@ import numpy.typing as npt
 import triton_python_backend_utils as pb_utils
 
 if TYPE_CHECKING:  # onnxruntime stays out of the LLM model's process
-    from runtimes.encoders import Encoded
+    from runtimes.encoders import Encoded, OnnxEncoder
 
 Row = TypeVar("Row")
 
@@ -92,3 +92,14 @@ def encoder_responses(
         )
         start = end
     return responses
+
+
+def load_encoder(args: dict[str, str]) -> OnnxEncoder:
+    """The ONNX encoder of an embedding or reranker instance, placed and threaded as its config says."""
+    from runtimes.encoders import OnnxEncoder, open_session, session_threads
+
+    parameters = model_parameters(args)
+    artifacts = version_dir(args) / parameters["artifacts_dir"]
+    threads = session_threads(int(parameters["intra_op_threads"]), int(parameters["worker_count"]))
+    session = open_session(artifacts / "model.onnx", threads, gpu_device_id(args))
+    return OnnxEncoder(artifacts, int(parameters["max_length"]), session)

@@ -8,17 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from runtimes._triton import encoder_responses, gpu_device_id, model_parameters, request_strings, version_dir
-from runtimes.encoders import OnnxEncoder, open_session, session_threads
+from runtimes._triton import encoder_responses, load_encoder, request_strings
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        parameters = model_parameters(args)
-        artifacts = version_dir(args) / parameters["artifacts_dir"]
-        threads = session_threads(int(parameters["intra_op_threads"]), int(parameters["worker_count"]))
-        session = open_session(artifacts / "model.onnx", threads, gpu_device_id(args))
-        self.encoder = OnnxEncoder(artifacts, int(parameters["max_length"]), session)
+        self.encoder = load_encoder(args)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return encoder_responses(
