@@ -499,7 +499,9 @@ def triton_model(adapter: types.ModuleType, model_dir: Path) -> Iterator[Any]:
 
 
 def prompt_request(prompt: str, **sender: Any) -> FakeRequest:
-    return FakeRequest({"text_input": string_input(prompt)}, FakeSender(**sender))
+    # Greedy, so how a request ends does not depend on a random draw (sampling could pick EOS).
+    inputs = {"text_input": string_input(prompt), "temperature": np.array([[0.0]], np.float32)}
+    return FakeRequest(inputs, FakeSender(**sender))
 
 
 def test_model_sends_cancelled_final_when_client_cancelled(triton_model: Any) -> None:
