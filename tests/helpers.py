@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import re
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +56,18 @@ def demo_config(models: dict[str, Path]) -> dict[str, Any]:
             "llm_service": {"model": "llm_v1"},
         },
     }
+
+
+def metrics_text(url: str) -> str:
+    """A Prometheus endpoint's text."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return str(response.read().decode())
+
+
+def sample_value(text: str, name: str, **labels: str) -> float:
+    """The value of one Prometheus sample whose labels include ``labels`` (0 when absent)."""
+    for line in text.splitlines():
+        match = re.match(rf"^{name}\{{(.*)\}} (\S+)$", line)
+        if match and all(f'{key}="{value}"' in match.group(1) for key, value in labels.items()):
+            return float(match.group(2))
+    return 0.0

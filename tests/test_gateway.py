@@ -6,11 +6,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import re
 import socket
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -27,7 +25,7 @@ from compiler.pipeline import compile_repository
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from sluice.triton_server import TritonServer, TritonSettings, free_ports
-from tests.helpers import write_yaml
+from tests.helpers import metrics_text, sample_value, write_yaml
 
 pytestmark = pytest.mark.integration
 
@@ -126,13 +124,7 @@ def client(gateway: str) -> Iterator[httpx.Client]:
 
 
 def triton_metric(triton: TritonServer, name: str, **labels: str) -> float:
-    with urllib.request.urlopen(triton.metrics_url, timeout=10) as response:
-        text = response.read().decode()
-    for line in text.splitlines():
-        match = re.match(rf"^{name}\{{(.*)\}} (\S+)$", line)
-        if match and all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()):
-            return float(match.group(2))
-    return 0.0
+    return sample_value(metrics_text(triton.metrics_url), name, **labels)
 
 
 def error_of(response: httpx.Response) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from compiler.pipeline import compile_repository
 from sluice.triton_server import TritonServer, TritonSettings, free_ports
-from tests.helpers import write_yaml
+from tests.helpers import metrics_text, sample_value, write_yaml
 
 pytestmark = pytest.mark.integration
 
@@ -110,17 +110,7 @@ def text_input(name: str, texts: list[str], module: Any) -> Any:
 
 
 def metrics(server: TritonServer) -> str:
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
-        return str(response.read().decode())
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one Prometheus sample whose labels include ``labels``."""
-    for line in text.splitlines():
-        match = re.match(rf"^{name}\{{(.*)\}} (\S+)$", line)
-        if match and all(f'{key}="{value}"' in match.group(1) for key, value in labels.items()):
-            return float(match.group(2))
-    return 0.0
+    return metrics_text(server.metrics_url)
 
 
 def test_embedding_matches_pytorch_when_served_over_http_and_grpc(
@@ -258,7 +248,8 @@ def test_llm_honours_max_tokens_when_called_through_generate_stream(triton: Trit
 
 def test_llm_stops_generating_when_the_client_cancels_its_stream(triton: TritonServer) -> None:
     before = metrics(triton)
-    cancelled_before = metric(before, "sluice_llm_requests_finished_total", model="llm_service", reason="cancelled")
+    finished = "sluice_llm_requests_finished_total"
+    cancelled_before = sample_value(before, finished, model="llm_service", reason="cancelled")
     pieces: queue.Queue[Any] = queue.Queue()
     client = grpcclient.InferenceServerClient(triton.grpc_url)
     client.start_stream(callback=lambda result, error: pieces.put(error or result))
@@ -269,15 +260,15 @@ def test_llm_stops_generating_when_the_client_cancels_its_stream(triton: TritonS
     client.stop_stream(cancel_requests=True)
     while time.monotonic() - started < 3:
         after = metrics(triton)
-        if metric(after, "sluice_llm_requests_finished_total", model="llm_service", reason="cancelled") > (
+        if sample_value(after, "sluice_llm_requests_finished_total", model="llm_service", reason="cancelled") > (
             cancelled_before
         ):
             break
         time.sleep(0.05)
     else:
         pytest.fail("the cancelled request did not end within 3 s")
-    tokens = metric(after, "sluice_llm_completion_tokens_total", model="llm_service")
-    tokens_before = metric(before, "sluice_llm_completion_tokens_total", model="llm_service")
+    tokens = sample_value(after, "sluice_llm_completion_tokens_total", model="llm_service")
+    tokens_before = sample_value(before, "sluice_llm_completion_tokens_total", model="llm_service")
     assert tokens - tokens_before < 1900
 
 
@@ -357,8 +348,10 @@ def test_triton_batches_concurrent_requests_when_sixteen_clients_send_at_once(tr
         list(pool.map(client_loop, range(16)))
     after = metrics(triton)
     labels = {"model": "embedding_service"}
-    requests = metric(after, "nv_inference_count", **labels) - metric(before, "nv_inference_count", **labels)
-    executions = metric(after, "nv_inference_exec_count", **labels) - metric(
+    requests = sample_value(after, "nv_inference_count", **labels) - sample_value(
+        before, "nv_inference_count", **labels
+    )
+    executions = sample_value(after, "nv_inference_exec_count", **labels) - sample_value(
         before, "nv_inference_exec_count", **labels
     )
     assert requests == 16 * 12
@@ -369,8 +362,8 @@ def test_triton_answers_from_its_response_cache_when_a_text_repeats(triton: Trit
     http = httpclient.InferenceServerClient(triton.http_address)
     inputs = [text_input("text", ["a sentence worth caching"], httpclient)]
     first = http.infer("embedding_service", inputs).as_numpy("embedding")
-    hits_before = metric(metrics(triton), "nv_cache_num_hits_per_model", model="embedding_service")
+    hits_before = sample_value(metrics(triton), "nv_cache_num_hits_per_model", model="embedding_service")
     second = http.infer("embedding_service", inputs).as_numpy("embedding")
-    hits_after = metric(metrics(triton), "nv_cache_num_hits_per_model", model="embedding_service")
+    hits_after = sample_value(metrics(triton), "nv_cache_num_hits_per_model", model="embedding_service")
     assert hits_after == hits_before + 1
     np.testing.assert_array_equal(first, second)
