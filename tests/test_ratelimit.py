@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway import ratelimit
 from gateway.errors import Unavailable
 from gateway.ratelimit import Decision, RateLimiter, RateLimitStorageError, limit_for_rate, storage_uri
 from tests.redis_server import REDIS_SERVER, free_port, running_redis
@@ -140,6 +141,47 @@ def test_acquire_admits_exactly_the_budget_when_requests_arrive_concurrently(
             await limiter.close()
 
     assert sum(d.allowed for d in asyncio.run(scenario())) == 10
+
+
+def test_memory_storage_sweeps_at_most_once_per_interval_when_requests_are_frequent(bucket: str) -> None:
+    # limits' own memory storage starts a sweep (a worker-thread hop) after nearly every hit; this fails if a
+    # limits release renames the private scheduler that SweptMemoryStorage overrides.
+    async def scenario() -> set[int]:
+        limiter = RateLimiter.from_url(None)
+        try:
+            sweeps = set()
+            for _ in range(300):
+                await limiter.acquire(bucket, 1000)
+                await asyncio.sleep(0)  # let a started sweep finish, as it would between requests
+                sweeps.add(id(limiter._storage.timer))
+            return sweeps
+        finally:
+            await limiter.close()
+
+    assert len(asyncio.run(scenario())) == 1
+
+
+def test_memory_storage_still_drops_admissions_that_left_their_window(
+    bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ratelimit, "SWEEP_INTERVAL_S", 0.1)
+
+    async def scenario() -> tuple[int, int]:
+        limiter = RateLimiter.from_url(None)
+        try:
+            await _acquire_n(limiter, bucket, 50, 40)
+            storage = limiter._storage
+            assert isinstance(storage, ratelimit.SweptMemoryStorage)
+            before = sum(len(events) for events in storage.events.values())
+            await asyncio.sleep(1.2)  # past the 1 s window and the sweep interval
+            await limiter.acquire(bucket, 50)  # the hit that starts the next sweep
+            await asyncio.sleep(0.1)
+            return before, sum(len(events) for events in storage.events.values())
+        finally:
+            await limiter.close()
+
+    before, after = asyncio.run(scenario())
+    assert (before, after) == (40, 1)
 
 
 async def _offer_load(limiter: RateLimiter, bucket: str, rate: float, offered_rate: float, duration_s: float) -> int:
