@@ -57,17 +57,17 @@ async def generate(gateway: Gateway, call: Call, inputs: dict[str, Any], arrival
     first = True
     async for result in gateway.triton.stream(service, inputs, call.call_timeout()):
         piece = Piece(
-            text=result.as_numpy("text_output").ravel()[0].decode("utf-8"),
-            finish_reason=result.as_numpy("finish_reason").ravel()[0].decode("utf-8"),
-            prompt_tokens=int(result.as_numpy("prompt_tokens").ravel()[0]),
-            completion_tokens=int(result.as_numpy("completion_tokens").ravel()[0]),
+            text=result["text_output"].item().decode("utf-8"),
+            finish_reason=result["finish_reason"].item().decode("utf-8"),
+            prompt_tokens=int(result["prompt_tokens"].item()),
+            completion_tokens=int(result["completion_tokens"].item()),
         )
         if first and piece.text:
-            gateway.metrics.first_token.labels(service).observe(time.monotonic() - arrival)
+            gateway.metrics.of(service).first_token.observe(time.monotonic() - arrival)
             first = False
         if piece.finish_reason:
-            gateway.metrics.prompt_tokens.labels(service).inc(piece.prompt_tokens)
-            gateway.metrics.completion_tokens.labels(service).inc(piece.completion_tokens)
+            gateway.metrics.of(service).prompt_tokens.inc(piece.prompt_tokens)
+            gateway.metrics.of(service).completion_tokens.inc(piece.completion_tokens)
             if piece.finish_reason == "timeout":
                 raise DeadlineExceeded(
                     f"{service} stopped generating at its inference_timeout of {call.route.inference_timeout:g} s"

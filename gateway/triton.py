@@ -1,5 +1,9 @@
 """The gateway's one connection to Triton: gRPC (asyncio), one channel reused by every request.
 
+Requests are built directly as Triton's protobuf messages and sent with Triton's generated stub (the same
+``service_pb2`` that ``tritonclient.grpc`` wraps): on a 2-core machine ``tritonclient``'s own request and result
+objects cost the gateway about 0.2 ms of CPU per call, time the model then lacks (docs/benchmarks.md).
+
 Each call carries a timeout (the service's inference_timeout, or less when the request's total deadline is nearer);
 on expiry, or when the caller's task is cancelled, the gRPC call is cancelled and Triton drops the request.
 Triton's own refusals become gateway errors here, so routes see one error path.
@@ -14,20 +18,17 @@ from typing import Any
 import grpc
 import numpy as np
 import numpy.typing as npt
-import tritonclient.grpc.aio as grpc_aio
-from tritonclient.grpc import InferInput, InferRequestedOutput, InferResult
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import deserialize_bytes_tensor, np_to_triton_dtype, triton_to_np_dtype
 
 from .errors import BadRequest, DeadlineExceeded, GatewayError, Unavailable
 
+Tensors = dict[str, npt.NDArray[Any]]
+
 # Triton's messages for requests its queue policy turned away (tritonserver 2.51).
 _QUEUE_REFUSALS = ("Exceeds maximum queue size", "Request timeout expired")
-
-
-def _tensor(name: str, array: npt.NDArray[Any]) -> InferInput:
-    tensor = InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-    tensor.set_data_from_numpy(array)
-    return tensor
+# As tritonclient sets them: a batch of embeddings can exceed gRPC's default 4 MiB.
+_CHANNEL_OPTIONS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]
 
 
 def text_column(texts: Sequence[str]) -> npt.NDArray[np.object_]:
@@ -35,88 +36,116 @@ def text_column(texts: Sequence[str]) -> npt.NDArray[np.object_]:
     return np.array([[text.encode("utf-8")] for text in texts], dtype=np.object_)
 
 
+def infer_request(service: str, inputs: Mapping[str, npt.NDArray[Any]], outputs: Sequence[str] = ()) -> Any:
+    """A ModelInferRequest with every input in ``raw_input_contents`` (BYTES elements length-prefixed)."""
+    request = service_pb2.ModelInferRequest(model_name=service)
+    for name, array in inputs.items():
+        tensor = request.inputs.add()
+        tensor.name = name
+        tensor.shape.extend(array.shape)
+        if array.dtype == np.object_:
+            tensor.datatype = "BYTES"
+            request.raw_input_contents.append(
+                b"".join(len(item).to_bytes(4, "little") + item for item in array.flat)
+            )
+        else:
+            tensor.datatype = np_to_triton_dtype(array.dtype)
+            request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
+    for name in outputs:
+        request.outputs.add().name = name
+    return request
+
+
+def response_tensors(response: Any) -> Tensors:
+    """A ModelInferResponse's outputs as arrays of their shapes (BYTES as object arrays of bytes)."""
+    tensors: Tensors = {}
+    for output, raw in zip(response.outputs, response.raw_output_contents, strict=True):
+        if output.datatype == "BYTES":
+            array: npt.NDArray[Any] = deserialize_bytes_tensor(raw)
+        else:
+            array = np.frombuffer(raw, dtype=triton_to_np_dtype(output.datatype))
+        tensors[output.name] = array.reshape(tuple(output.shape))
+    return tensors
+
+
 class Triton:
     def __init__(self, url: str) -> None:
         self.url = url
-        self._client = grpc_aio.InferenceServerClient(url)
+        self._channel = grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS)
+        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 
     async def close(self) -> None:
-        await self._client.close()
+        await self._channel.close()
 
     async def ready(self, services: Sequence[str]) -> list[str]:
         """The services that are not ready (all of them when Triton cannot be reached)."""
         try:
-            if not await self._client.is_server_ready():
+            server = await self._stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=2)
+            if not server.ready:
                 return list(services)
-            return [s for s in services if not await self._client.is_model_ready(s)]
-        except InferenceServerException:
+            not_ready = []
+            for service in services:
+                model = await self._stub.ModelReady(service_pb2.ModelReadyRequest(name=service), timeout=2)
+                if not model.ready:
+                    not_ready.append(service)
+            return not_ready
+        except grpc.aio.AioRpcError:
             return list(services)
 
     async def infer(
         self, service: str, inputs: Mapping[str, npt.NDArray[Any]], outputs: Sequence[str], timeout: float
-    ) -> dict[str, npt.NDArray[Any]]:
+    ) -> Tensors:
         """One request; raises DeadlineExceeded after ``timeout`` seconds (the call is cancelled at Triton)."""
         if timeout <= 0:
             raise DeadlineExceeded(f"no time left to call {service}")
         try:
-            result = await self._client.infer(
-                service,
-                [_tensor(name, array) for name, array in inputs.items()],
-                outputs=[InferRequestedOutput(name) for name in outputs],
-                client_timeout=timeout,
-            )
-        except InferenceServerException as error:
-            raise triton_error(service, error, timeout) from None
-        return {name: result.as_numpy(name) for name in outputs}
+            response = await self._stub.ModelInfer(infer_request(service, inputs, outputs), timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            raise triton_error(service, error.code(), error.details() or "", timeout) from None
+        return response_tensors(response)
 
     async def stream(
         self, service: str, inputs: Mapping[str, npt.NDArray[Any]], timeout: float
-    ) -> AsyncIterator[InferResult]:
+    ) -> AsyncIterator[Tensors]:
         """The responses of one decoupled request, as they come; cancelled at Triton when the caller stops
         iterating, is cancelled, or ``timeout`` passes."""
         if timeout <= 0:
             raise DeadlineExceeded(f"no time left to call {service}")
+        request = infer_request(service, inputs)
+        request.parameters["triton_enable_empty_final_response"].bool_param = True
         done = asyncio.Event()
 
-        async def one_request() -> AsyncIterator[dict[str, Any]]:
-            yield {
-                "model_name": service,
-                "inputs": [_tensor(name, array) for name, array in inputs.items()],
-                "enable_empty_final_response": True,
-            }
+        async def one_request() -> AsyncIterator[Any]:
+            yield request
             # Keep the request side open until the last response: closing it early ends the stream.
             await done.wait()
 
-        responses = self._client.stream_infer(one_request(), stream_timeout=timeout)
+        responses = self._stub.ModelStreamInfer(one_request(), timeout=timeout)
         try:
-            async for result, error in responses:
-                if error is not None:
-                    raise triton_error(service, error, timeout)
-                if result.get_response().outputs:
-                    yield result
-                if _is_final(result):
+            async for message in responses:
+                if message.error_message:
+                    raise triton_error(service, None, message.error_message, timeout)
+                response = message.infer_response
+                if response.outputs:
+                    yield response_tensors(response)
+                final = response.parameters.get("triton_final_response")
+                if final is not None and final.bool_param:
                     return
         except grpc.aio.AioRpcError as error:
-            raise triton_error(service, InferenceServerException(error.details(), str(error.code())), timeout) from None
+            raise triton_error(service, error.code(), error.details() or "", timeout) from None
         finally:
             done.set()
             responses.cancel()
 
 
-def _is_final(result: InferResult) -> bool:
-    flag = result.get_response().parameters.get("triton_final_response")
-    return flag is not None and bool(flag.bool_param)
-
-
-def triton_error(service: str, error: InferenceServerException, timeout: float) -> GatewayError:
-    """Triton's refusal as the gateway error a client should see."""
-    status, message = str(error.status() or ""), str(error.message() or error)
-    if "DEADLINE_EXCEEDED" in status or "Deadline Exceeded" in message:
+def triton_error(service: str, code: grpc.StatusCode | None, message: str, timeout: float) -> GatewayError:
+    """Triton's refusal (a gRPC status, or a stream's error message) as the gateway error a client should see."""
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED or "Deadline Exceeded" in message:
         return DeadlineExceeded(f"{service} did not answer within {timeout:.3g} s; the request was cancelled")
     if any(refusal in message for refusal in _QUEUE_REFUSALS):
         return Unavailable(f"{service} is overloaded: {message}", headers={"Retry-After": "1"})
-    if "UNAVAILABLE" in status:
+    if code is grpc.StatusCode.UNAVAILABLE:
         return Unavailable(f"Triton is unreachable: {message}", headers={"Retry-After": "1"})
-    if "INVALID_ARG" in status or "INVALID_ARGUMENT" in status:
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
         return BadRequest(f"{service} rejected the request: {message}")
     return GatewayError(f"{service} failed: {message}")
