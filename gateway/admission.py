@@ -102,7 +102,8 @@ async def admit(
     gateway: Gateway, request: Request, route: Route, items: int = 1, items_param: str = "input"
 ) -> Call:
     """Start a call to ``route``: check the item count and spend rate-limit budget, or raise."""
-    request.state.service = route.service
+    request.state.service = route.service  # from here on, RequestMetrics counts the request for the service
+    gateway.metrics.of(route.service).in_flight.inc()
     if items > gateway.settings.max_items:
         raise PayloadTooLarge(
             f"{items_param}: {items} items in one request; at most {gateway.settings.max_items}", param=items_param
@@ -117,11 +118,11 @@ async def admit(
     if digest and key_rate:
         per_key = await gateway.limiter.acquire(f"key:{digest}", key_rate)
         if not per_key.allowed:
-            gateway.metrics.rate_limited.labels(route.service, "api_key").inc()
+            gateway.metrics.of(route.service).rate_limited_by_key.inc()
             raise RateLimited(f"this API key allows {key_rate:g} requests per second", headers=per_key.headers())
     decision = await gateway.limiter.acquire(f"service:{route.service}", route.rate_limit)
     if not decision.allowed:
-        gateway.metrics.rate_limited.labels(route.service, "service").inc()
+        gateway.metrics.of(route.service).rate_limited_by_service.inc()
         raise RateLimited(
             f"{route.service} allows {route.rate_limit:g} requests per second; retry later",
             headers=decision.headers(),

@@ -81,7 +81,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
 async def gateway_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, GatewayError)
     if isinstance(error, DeadlineExceeded) and (service := getattr(request.state, "service", None)):
-        request.app.state.gateway.metrics.deadlines.labels(service).inc()
+        request.app.state.gateway.metrics.of(service).deadlines.inc()
     return json_response(error.body(), error.headers, error.status)
 
 

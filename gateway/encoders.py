@@ -17,7 +17,7 @@ import numpy.typing as npt
 from starlette.requests import Request
 
 from .admission import Call, gather
-from .cache import item_key
+from .cache import item_keys, key_namespace
 from .triton import text_column
 
 if TYPE_CHECKING:
@@ -52,14 +52,16 @@ async def encode(
     keys: list[str] = []
     caching = route.enable_cache and gateway.cache is not None
     if caching:
-        keys = [item_key(route.service, route.fingerprint, {"type": route.type}, "\0".join(item)) for item in items]
+        namespace = key_namespace(route.service, route.fingerprint, {"type": route.type})
+        keys = item_keys(namespace, ["\0".join(item) for item in items])
         if use_cache:
             cached = await gateway.cache.get_many(keys)
     misses = [i for i, blob in enumerate(cached) if blob is None]
     fresh = await _infer(gateway, call, [items[i] for i in misses]) if misses else None
     if caching:
-        gateway.metrics.cache_hits.labels(route.service).inc(len(items) - len(misses))
-        gateway.metrics.cache_misses.labels(route.service).inc(len(misses))
+        metrics = gateway.metrics.of(route.service)
+        metrics.cache_hits.inc(len(items) - len(misses))
+        metrics.cache_misses.inc(len(misses))
     tokens = np.empty(len(items), np.int32)
     truncated = np.empty(len(items), np.bool_)
     rows: list[npt.NDArray[np.float32]] = [np.empty(0, np.float32)] * len(items)
@@ -110,7 +112,7 @@ async def _infer_chunk(gateway: Gateway, call: Call, chunk: list[tuple[str, ...]
     try:
         return await gateway.triton.infer(route.service, inputs, outputs, call.call_timeout())
     finally:
-        gateway.metrics.triton_latency.labels(route.service).observe(time.monotonic() - started)
+        gateway.metrics.of(route.service).triton_latency.observe(time.monotonic() - started)
 
 
 def cache_allowed(request: Request) -> bool:

@@ -384,8 +384,11 @@ def test_client_disconnect_cancels_the_generation_when_a_stream_is_dropped(
         received = b""
         while b"data: " not in received:
             received += sock.recv(4096)
+        streaming = sample_value(metrics_text(f"{gateway}/metrics"), "sluice_gateway_in_flight", service="llm_service")
     after = wait_for_end(triton, "llm_service", before)
     assert after["cancelled"] > before["cancelled"]
+    assert streaming == 1
+    assert sample_value(metrics_text(f"{gateway}/metrics"), "sluice_gateway_in_flight", service="llm_service") == 0
 
 
 # ---- Triton's refusals ----------------------------------------------------------------------------------------------
