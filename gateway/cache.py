@@ -23,29 +23,44 @@ logger = logging.getLogger(__name__)
 REDIS_KEY_PREFIX = "sluice:cache:"
 DEFAULT_TTL_S = 86400
 # Bump when the key recipe or the stored encoding changes, so old entries are never read back as new ones.
-KEY_VERSION = 1
+KEY_VERSION = 2
 # A cache lookup is only worth it if it is faster than recomputing: give up on Redis quickly.
 REDIS_TIMEOUT_S = 0.5
 # During a long outage, remind the log this often instead of on every failing call.
 ERROR_LOG_INTERVAL_S = 60.0
 
 
-def item_key(service: str, fingerprint: str, params: Mapping[str, object], item: str) -> str:
-    """SHA-256 hex over a canonical JSON of everything that changes one item's output.
+def key_namespace(service: str, fingerprint: str, params: Mapping[str, object]) -> bytes:
+    """A canonical JSON of everything but the item that changes an item's output: computed once per request.
 
     ``fingerprint`` names the model build (weights, tokenizer, export); ``params`` the request options that
     change the result (``normalize``, ``dimensions``, a rerank query, ...). Keys are sorted and the JSON is
-    compact, so the key is the same in every process and run; note ``1`` and ``1.0`` are different params.
+    compact, so it is the same in every process and run; note ``1`` and ``1.0`` are different params.
     Raises ``TypeError`` for params that JSON cannot represent.
     """
     canonical = json.dumps(
-        {"v": KEY_VERSION, "service": service, "fingerprint": fingerprint, "params": params, "item": item},
+        {"v": KEY_VERSION, "service": service, "fingerprint": fingerprint, "params": params},
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
         allow_nan=False,
     )
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return canonical.encode("utf-8")
+
+
+def item_keys(namespace: bytes, items: Sequence[str]) -> list[str]:
+    """SHA-256 hex of the namespace followed by each item (a JSON object delimits itself: no ambiguity)."""
+    keys = []
+    for item in items:
+        digest = hashlib.sha256(namespace)
+        digest.update(item.encode("utf-8"))
+        keys.append(digest.hexdigest())
+    return keys
+
+
+def item_key(service: str, fingerprint: str, params: Mapping[str, object], item: str) -> str:
+    """The key of one item; see ``key_namespace``."""
+    return item_keys(key_namespace(service, fingerprint, params), [item])[0]
 
 
 class ItemCache(Protocol):

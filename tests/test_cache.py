@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 
 import pytest
@@ -37,7 +38,10 @@ def test_item_key_changes_when_any_input_changes() -> None:
 
 def test_item_key_is_stable_when_computed_in_another_run_or_param_order() -> None:
     # The same value as any other process computed, on any machine: a golden hash, not hash()
-    golden = "5fe45d1e99687d4f983a491ec70c721046537e23180d6cc04421141889da5fb3"
+    recipe = (b'{"fingerprint":"minilm-abc123","params":{"dimensions":384,"normalize":true},'
+              b'"service":"embedding_service","v":2}hello world')
+    golden = "4ef7ed6f8ee25af86919f4d35db65d5106076110ec66ed7ea54708f4d32535d5"
+    assert hashlib.sha256(recipe).hexdigest() == golden
     assert _key() == golden
     assert _key(params={"dimensions": 384, "normalize": True}) == golden
 
