@@ -44,7 +44,8 @@ class _BodyTooLarge(Exception):
 class BodySizeLimit:
     """Reply 413 to requests whose body exceeds ``max_bytes``; the app never receives more than ``max_bytes``.
 
-    A declared ``content-length`` over the limit is refused before the app runs. A body without one (chunked) is
+    A declared ``content-length`` over the limit is refused before the app runs; one within it passes untouched
+    (the server frames the body by it, so no more can arrive). A body without one (chunked) is
     counted as the app reads it: the chunk that crosses the limit is not delivered, ``receive`` raises instead, and
     whatever response the app then tries to send (FastAPI turns the error into a 400, Starlette's error middleware
     into a 500) is replaced by the 413. If the app had already started its response, the error propagates and the
@@ -68,9 +69,14 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         declared = _header(scope, b"content-length")
-        if declared is not None and declared.strip().isdigit() and int(declared) > self.max_bytes:
-            await _send_error(send, self._error())
-            return
+        if declared is not None and declared.strip().isdigit():
+            if int(declared) > self.max_bytes:
+                await _send_error(send, self._error())
+                return
+            if _header(scope, b"transfer-encoding") is None:
+                # The server delivers exactly the declared length: nothing to count.
+                await self.app(scope, receive, send)
+                return
 
         received = 0
         overflowed = False
@@ -259,10 +265,25 @@ class _DisconnectWatch:
     async def stop(self) -> None:
         if self._watcher is None:
             return
-        self._watcher.cancel()
-        await asyncio.wait({self._watcher})
-        if not self._watcher.cancelled():
-            self._watcher.result()  # re-raises a failure of the wrapped receive that the app never saw
+        watcher = self._watcher
+        if watcher.done():
+            if not watcher.cancelled():
+                watcher.result()  # re-raises a failure of the wrapped receive that the app never saw
+            return
+        if self._response_complete:
+            # The server answers the watcher's pending receive with http.disconnect now that the response is
+            # complete (uvicorn wakes it in the same turn), so it ends by itself. Cancelling it instead would
+            # leave a reference cycle (its CancelledError's traceback holds its frame, which holds this watch and
+            # the request's task) for the garbage collector: every request's objects, collected in pauses
+            # of up to 100 ms. Should the server not wake it, it is cancelled on the loop's next turn.
+            asyncio.get_running_loop().call_soon(_cancel_if_pending, watcher)
+            return
+        watcher.cancel()
+
+
+def _cancel_if_pending(task: asyncio.Task[None]) -> None:
+    if not task.done():
+        task.cancel()
 
 
 class CancelOnDisconnect:
