@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import signal
 import time
 import urllib.error
@@ -119,6 +120,24 @@ def wait_forever(alive: Callable[[], bool], what: str) -> None:
     raise SluiceError(f"{what} exited unexpectedly")
 
 
+# Young collections every this many net allocations instead of CPython's 700; see quiet_garbage_collector.
+GATEWAY_GC_THRESHOLD = 10_000
+
+
+def quiet_garbage_collector() -> None:
+    """Keep the collector off the gateway's request path.
+
+    Start-up leaves about 80,000 tracked objects (modules, pydantic schemas, gRPC) that every full collection
+    walks: in the benchmark such a collection paused the gateway for 65-120 ms, longer than a whole batch in
+    Triton. Frozen, they are left out of every collection (full collections then took under 5 ms); a higher
+    young-generation threshold makes collections rare, since a request's objects are freed by reference
+    counting, not by the collector.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GATEWAY_GC_THRESHOLD, *gc.get_threshold()[1:])
+
+
 def run_gateway(settings: GatewaySettings, say: Say) -> None:
     """Serve the gateway until SIGINT/SIGTERM (uvicorn's own handlers: it drains, closes, then re-raises)."""
     import uvicorn
@@ -136,4 +155,5 @@ def run_gateway(settings: GatewaySettings, say: Say) -> None:
         # X-Forwarded-* by default would let any client spoof its address.
         proxy_headers=False, server_header=False,
     )
+    quiet_garbage_collector()
     uvicorn.Server(config).run()
