@@ -1,15 +1,17 @@
 """Embedding throughput through the gateway, through Triton directly, and in-process onnxruntime, in one run.
 
-    python -m benchmarks.embeddings [--config config.yaml] [--service embedding_service]
+    python -m benchmarks.embeddings [--config config.yaml] [--service embedding_service] [--rounds 5] [--texts 1000]
 
-Compiles the one service into a scratch repository (its rate limit lifted, its cache on), starts tritonserver and
-a `sluice gateway` process on free loopback ports, then measures on the same texts: in-process onnxruntime on the
-same exported graph (all cores, batch 1 and batch 16: the ceiling); Triton over gRPC; the gateway over HTTP with
-every text new (cache misses); the gateway again with the same texts (cache hits). Each served measurement uses N
-concurrent clients, each sending one text per request and awaiting the answer. Run it alone: on 2 cores anything
-else running skews every figure.
+Compiles the one service into a scratch repository (its rate limit lifted, its cache on), measures in-process
+onnxruntime on the same exported graph (all cores, batch 1 and batch 16: the ceiling), then starts tritonserver and
+a `sluice gateway` process on free loopback ports and measures, in each of several rounds: Triton over gRPC; the
+gateway over HTTP with every text new (cache misses); the gateway again with the same texts (cache hits). Each
+served measurement uses N concurrent clients, each sending one text per request and awaiting the answer.
+
+On shared 2-core machines throughput drifts by 10 % or more from minute to minute, so the phases are interleaved
+and ratios are taken within each round, then their median reported. Run it alone: anything else running skews
+every figure.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -17,6 +19,7 @@ import asyncio
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,6 +27,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -111,21 +115,70 @@ def gateway_sender(session: aiohttp.ClientSession, url: str, service: str) -> Ca
     return send
 
 
-async def measure_gateway(url: str, service: str, clients: int, texts: list[str]) -> dict[str, Any]:
-    """Misses (new texts), then hits (the same texts again)."""
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, every thread) that process ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Phase:
+    """One kind of measurement, accumulated over the rounds."""
+
+    throughputs: list[float] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    refused: int = 0
+    gateway_cpu_s: float = 0.0
+    requests: int = 0
+
+    def add(self, run: tuple[float, list[float], int], requests: int, gateway_cpu_s: float = 0.0) -> None:
+        self.throughputs.append(run[0])
+        self.latencies += run[1]
+        self.refused += run[2]
+        self.requests += requests
+        self.gateway_cpu_s += gateway_cpu_s
+
+    def summary(self) -> dict[str, Any]:
+        figures = {"texts_per_s": round(statistics.median(self.throughputs), 1),
+                   "texts_per_s_by_round": [round(t, 1) for t in self.throughputs],
+                   **percentiles(self.latencies), "refused": self.refused}
+        if self.gateway_cpu_s:
+            figures["gateway_cpu_ms_per_request"] = round(1000 * self.gateway_cpu_s / self.requests, 2)
+        return figures
+
+
+async def measure_served(
+    grpc_url: str, gateway_url: str, gateway_pid: int, service: str, clients: int, texts: int, rounds: int
+) -> dict[str, Phase]:
+    """``rounds`` rounds of: Triton directly, the gateway on new texts (misses), the gateway on those texts again
+    (hits). Interleaved, so that the machine's drift (other tenants, frequency) falls on every phase alike."""
+    phases = {"triton": Phase(), "misses": Phase(), "hits": Phase()}
+    client = grpc_aio.InferenceServerClient(grpc_url)
     connector = aiohttp.TCPConnector(limit=clients)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        send = gateway_sender(session, f"{url}/v1/embeddings", service)
-        await closed_loop(clients, [f"gateway warm-up {i}" for i in range(200)], send)
-        misses = await closed_loop(clients, texts, send)
-        hits = await closed_loop(clients, texts, send)
-    return {name: {"texts_per_s": round(run[0], 1), **percentiles(run[1]), "refused": run[2]}
-            for name, run in (("misses", misses), ("hits", hits))}
+    try:
+        async with aiohttp.ClientSession(connector=connector) as session:
+            to_triton = triton_sender(client, service)
+            to_gateway = gateway_sender(session, f"{gateway_url}/v1/embeddings", service)
+            await closed_loop(clients, [f"warm-up {i}" for i in range(200)], to_triton)
+            await closed_loop(clients, [f"gateway warm-up {i}" for i in range(200)], to_gateway)
+            for round_ in range(rounds):
+                # New texts for each phase of each round: neither Triton's response cache nor the gateway's
+                # cache can answer a miss.
+                phases["triton"].add(await closed_loop(clients, benchmark_texts(texts, seed=2 * round_), to_triton),
+                                     texts)
+                gateway_texts = benchmark_texts(texts, seed=2 * round_ + 1)
+                for name in ("misses", "hits"):
+                    cpu_before = cpu_seconds(gateway_pid)
+                    run = await closed_loop(clients, gateway_texts, to_gateway)
+                    phases[name].add(run, texts, cpu_seconds(gateway_pid) - cpu_before)
+    finally:
+        await client.close()
+    return phases
 
 
 @contextmanager
-def gateway_process(repository: Path, grpc_url: str) -> Iterator[str]:
-    """`sluice gateway` in its own process, as deployed."""
+def gateway_process(repository: Path, grpc_url: str) -> Iterator[tuple[str, int]]:
+    """`sluice gateway` in its own process, as deployed: its URL and process id."""
     (port,) = free_ports(1)
     process = subprocess.Popen(
         [sys.executable, "-m", "sluice", "gateway", "--repository", str(repository), "--triton-grpc", grpc_url,
@@ -139,7 +192,7 @@ def gateway_process(repository: Path, grpc_url: str) -> Iterator[str]:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the gateway did not start: {process.stderr.read() if process.stderr else ''}")
             time.sleep(0.2)
-        yield url
+        yield url, process.pid
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=30)
@@ -153,23 +206,13 @@ def _ready(url: str) -> bool:
         return False
 
 
-async def measure_triton(grpc_url: str, service: str, clients: int, texts: list[str]) -> dict[str, Any]:
-    client = grpc_aio.InferenceServerClient(grpc_url)
-    try:
-        send = triton_sender(client, service)
-        await closed_loop(clients, [f"warm-up {i}" for i in range(200)], send)
-        throughput, latencies, refused = await closed_loop(clients, texts, send)
-    finally:
-        await client.close()
-    return {"texts_per_s": round(throughput, 1), **percentiles(latencies), "refused": refused}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=Path("config.yaml"))
     parser.add_argument("--service", default="embedding_service")
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--texts", type=int, default=3000)
+    parser.add_argument("--texts", type=int, default=1000, help="texts per phase per round")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
@@ -190,12 +233,14 @@ def main() -> None:
         http_port, grpc_port, metrics_port = free_ports(3)
         settings = TritonSettings(repository, root / "work", http_port=http_port, grpc_port=grpc_port,
                                   metrics_port=metrics_port)
-        with TritonServer(settings) as server:
-            served = asyncio.run(measure_triton(server.grpc_url, args.service, args.clients, texts))
-            with gateway_process(repository, server.grpc_url) as url:
-                # Other texts than Triton's run, so Triton's own response cache cannot answer them.
-                gateway_texts = benchmark_texts(args.texts, seed=1)
-                through_gateway = asyncio.run(measure_gateway(url, args.service, args.clients, gateway_texts))
+        with TritonServer(settings) as server, gateway_process(repository, server.grpc_url) as (url, pid):
+            phases = asyncio.run(
+                measure_served(server.grpc_url, url, pid, args.service, args.clients, args.texts, args.rounds)
+            )
+    triton, misses, hits = (phases[name] for name in ("triton", "misses", "hits"))
+    # Ratios within each round (the same minute of the same machine), then their median over the rounds.
+    gateway_ratios = [m / t for m, t in zip(misses.throughputs, triton.throughputs, strict=True)]
+    cache_ratios = [h / m for h, m in zip(hits.throughputs, misses.throughputs, strict=True)]
     best = max(ceiling.values())
     report = {
         "service": args.service,
@@ -203,24 +248,28 @@ def main() -> None:
         "batch_size": runtime.batch_size,
         "batch_timeout_s": runtime.batch_timeout,
         "clients": args.clients,
-        "texts": len(texts),
+        "texts_per_phase_per_round": args.texts,
+        "rounds": args.rounds,
         "cores": os.cpu_count(),
         "in_process_texts_per_s": ceiling,
-        "triton": served,
-        "gateway": through_gateway,
-        "triton_over_in_process": round(served["texts_per_s"] / best, 3),
-        "gateway_over_triton": round(through_gateway["misses"]["texts_per_s"] / served["texts_per_s"], 3),
-        "cache_hits_over_misses": round(
-            through_gateway["hits"]["texts_per_s"] / through_gateway["misses"]["texts_per_s"], 1
-        ),
+        "triton": triton.summary(),
+        "gateway": {"misses": misses.summary(), "hits": hits.summary()},
+        "triton_over_in_process": round(statistics.median(triton.throughputs) / best, 3),
+        "gateway_over_triton": round(statistics.median(gateway_ratios), 3),
+        "gateway_over_triton_by_round": [round(r, 3) for r in gateway_ratios],
+        "cache_hits_over_misses": round(statistics.median(cache_ratios), 1),
+        "cache_hits_over_misses_by_round": [round(r, 1) for r in cache_ratios],
     }
     print(json.dumps(report, indent=2))
-    misses, hits = through_gateway["misses"], through_gateway["hits"]
-    print(f"\nin-process {best} texts/s | Triton {served['texts_per_s']} (p50 {served['p50_ms']} ms, "
-          f"p99 {served['p99_ms']} ms) = {report['triton_over_in_process']} x in-process | gateway misses "
-          f"{misses['texts_per_s']} (p50 {misses['p50_ms']}, p99 {misses['p99_ms']} ms) = "
-          f"{report['gateway_over_triton']} x Triton | gateway hits {hits['texts_per_s']} (p50 {hits['p50_ms']}, "
-          f"p99 {hits['p99_ms']} ms) = {report['cache_hits_over_misses']} x misses")
+    t, m, h = report["triton"], report["gateway"]["misses"], report["gateway"]["hits"]
+    print(f"\nmedians of {args.rounds} rounds: in-process {best} texts/s | Triton {t['texts_per_s']} "
+          f"(p50 {t['p50_ms']} ms, p99 {t['p99_ms']} ms) = {report['triton_over_in_process']} x in-process | "
+          f"gateway misses {m['texts_per_s']} (p50 {m['p50_ms']}, p99 {m['p99_ms']} ms) = "
+          f"{report['gateway_over_triton']} x Triton (rounds {report['gateway_over_triton_by_round']}) | "
+          f"gateway hits {h['texts_per_s']} (p50 {h['p50_ms']}, p99 {h['p99_ms']} ms) = "
+          f"{report['cache_hits_over_misses']} x misses (rounds {report['cache_hits_over_misses_by_round']}) | "
+          f"gateway CPU per request: miss {m['gateway_cpu_ms_per_request']} ms, "
+          f"hit {h['gateway_cpu_ms_per_request']} ms")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
