@@ -58,11 +58,6 @@ def item_keys(namespace: bytes, items: Sequence[str]) -> list[str]:
     return keys
 
 
-def item_key(service: str, fingerprint: str, params: Mapping[str, object], item: str) -> str:
-    """The key of one item; see ``key_namespace``."""
-    return item_keys(key_namespace(service, fingerprint, params), [item])[0]
-
-
 class ItemCache(Protocol):
     """What the gateway needs from a cache: batched reads in key order, batched writes, and shutdown."""
 

@@ -9,7 +9,7 @@ import logging
 import pytest
 import redis
 
-from gateway.cache import MemoryCache, RedisCache, create_cache, item_key
+from gateway.cache import MemoryCache, RedisCache, create_cache, item_keys, key_namespace
 from tests.redis_server import REDIS_SERVER, free_port, running_redis
 
 
@@ -19,10 +19,11 @@ def _key(
     params: dict[str, object] | None = None,
     item: str = "hello world",
 ) -> str:
-    return item_key(service, fingerprint, {"normalize": True, "dimensions": 384} if params is None else params, item)
+    chosen = {"normalize": True, "dimensions": 384} if params is None else params
+    return item_keys(key_namespace(service, fingerprint, chosen), [item])[0]
 
 
-def test_item_key_changes_when_any_input_changes() -> None:
+def test_item_keys_changes_when_any_input_changes() -> None:
     keys = [
         _key(),
         _key(service="rerank_service"),
@@ -36,7 +37,7 @@ def test_item_key_changes_when_any_input_changes() -> None:
     assert len(set(keys)) == len(keys)
 
 
-def test_item_key_is_stable_when_computed_in_another_run_or_param_order() -> None:
+def test_item_keys_is_stable_when_computed_in_another_run_or_param_order() -> None:
     # The same value as any other process computed, on any machine: a golden hash, not hash()
     recipe = (b'{"fingerprint":"minilm-abc123","params":{"dimensions":384,"normalize":true},'
               b'"service":"embedding_service","v":2}hello world')
@@ -46,7 +47,7 @@ def test_item_key_is_stable_when_computed_in_another_run_or_param_order() -> Non
     assert _key(params={"dimensions": 384, "normalize": True}) == golden
 
 
-def test_item_key_raises_when_params_are_not_json() -> None:
+def test_item_keys_raises_when_params_are_not_json() -> None:
     with pytest.raises(TypeError):
         _key(params={"normalize": object()})
     with pytest.raises(ValueError):
