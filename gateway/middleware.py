@@ -16,10 +16,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import GatewayError, PayloadTooLarge, Unauthorized, envelope_bytes
 
-__all__ = ["WATCHER_TASK_NAME", "BearerAuth", "BodySizeLimit", "CancelOnDisconnect", "api_key_digest"]
+__all__ = ["WATCHER_TASK_NAME", "WATCH_AFTER_S", "BearerAuth", "BodySizeLimit", "CancelOnDisconnect", "api_key_digest"]
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 WATCHER_TASK_NAME = "sluice-disconnect-watcher"
+# How long after its body a request goes unwatched (see CancelOnDisconnect).
+WATCH_AFTER_S = 0.05
 
 
 async def _send_error(send: Send, error: GatewayError) -> None:
@@ -197,6 +199,7 @@ class _DisconnectWatch:
         self._receive = receive
         self._task = task
         self._watcher: asyncio.Task[None] | None = None
+        self._watch_later: asyncio.TimerHandle | None = None  # the watcher's start, when deferred
         self._read_ahead: Message | None = None  # the bodiless request's one http.request, read by the watcher
         self._read_ahead_pending = False
         self._wake = asyncio.Event()  # read-ahead message stored, or the watcher ended
@@ -207,9 +210,20 @@ class _DisconnectWatch:
         self._uncancelled = False
 
     def start_watcher(self, *, read_ahead: bool) -> None:
+        if self._watch_later is not None:
+            self._watch_later.cancel()
+            self._watch_later = None
         self._read_ahead_pending = read_ahead
         self._watcher = asyncio.create_task(self._watch(), name=WATCHER_TASK_NAME)
         self._watcher.add_done_callback(lambda _: self._wake.set())
+
+    def start_watcher_later(self) -> None:
+        self._watch_later = asyncio.get_running_loop().call_later(WATCH_AFTER_S, self._start_when_due)
+
+    def _start_when_due(self) -> None:
+        self._watch_later = None
+        if self._watcher is None and not self._app_done:
+            self.start_watcher(read_ahead=False)
 
     async def _watch(self) -> None:
         while True:
@@ -228,6 +242,10 @@ class _DisconnectWatch:
             self._task.cancel()
 
     async def receive(self) -> Message:
+        if self._watch_later is not None:
+            # The app reads past its body (to listen for a disconnect itself): the watcher becomes the one
+            # reader of the server's receive now.
+            self.start_watcher(read_ahead=False)
         if self._watcher is None:  # the app is still reading the body: pass through, keeping its backpressure
             if self._gone:
                 return {"type": "http.disconnect"}
@@ -236,7 +254,7 @@ class _DisconnectWatch:
                 # The app learns of this one from the message itself (Starlette raises ClientDisconnect).
                 self._gone = True
             elif message["type"] == "http.request" and not message.get("more_body", False):
-                self.start_watcher(read_ahead=False)
+                self.start_watcher_later()
             return message
         while True:
             if self._read_ahead is not None:
@@ -263,6 +281,9 @@ class _DisconnectWatch:
         return self._cancel_requested and self._task.cancelling() == 0
 
     async def stop(self) -> None:
+        if self._watch_later is not None:  # answered before its watcher was due: none was ever started
+            self._watch_later.cancel()
+            self._watch_later = None
         if self._watcher is None:
             return
         watcher = self._watcher
@@ -290,7 +311,10 @@ class CancelOnDisconnect:
     """Cancel the app's task when the client disconnects before the response is complete.
 
     Once the request body has been delivered to the app (at once for a request that declares none), a watcher
-    task reads the server's ``receive``. On ``http.disconnect`` it marks the connection gone and cancels the app's
+    task reads the server's ``receive``. After a body it starts ``WATCH_AFTER_S`` later, or as soon as the app
+    reads again: most requests are answered sooner and never need one, and starting it stays out of the burst in
+    which a batch's worth of requests is forwarded to Triton (docs/benchmarks.md). A disconnect is therefore
+    noticed up to ``WATCH_AFTER_S`` late. On ``http.disconnect`` it marks the connection gone and cancels the app's
     task, so ``CancelledError`` runs through the app's ``finally`` blocks and cancels its in-flight gRPC calls; any
     later ``receive`` by the app returns ``http.disconnect``. While the app is still reading the body, disconnects
     reach it as the ``http.disconnect`` message only. Our own cancellation ends the request quietly; a cancellation
