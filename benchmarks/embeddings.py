@@ -34,6 +34,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 import tritonclient.grpc.aio as grpc_aio
+import uvloop
 import yaml
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
@@ -128,20 +129,24 @@ class Phase:
     throughputs: list[float] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
     refused: int = 0
-    gateway_cpu_s: float = 0.0
     requests: int = 0
+    client_cpu_s: float = 0.0
+    gateway_cpu_s: float = 0.0
 
-    def add(self, run: tuple[float, list[float], int], requests: int, gateway_cpu_s: float = 0.0) -> None:
+    def add(self, run: tuple[float, list[float], int], requests: int, client_cpu_s: float,
+            gateway_cpu_s: float = 0.0) -> None:
         self.throughputs.append(run[0])
         self.latencies += run[1]
         self.refused += run[2]
         self.requests += requests
+        self.client_cpu_s += client_cpu_s
         self.gateway_cpu_s += gateway_cpu_s
 
     def summary(self) -> dict[str, Any]:
         figures = {"texts_per_s": round(statistics.median(self.throughputs), 1),
                    "texts_per_s_by_round": [round(t, 1) for t in self.throughputs],
-                   **percentiles(self.latencies), "refused": self.refused}
+                   **percentiles(self.latencies), "refused": self.refused,
+                   "load_generator_cpu_ms_per_request": round(1000 * self.client_cpu_s / self.requests, 2)}
         if self.gateway_cpu_s:
             figures["gateway_cpu_ms_per_request"] = round(1000 * self.gateway_cpu_s / self.requests, 2)
         return figures
@@ -164,13 +169,15 @@ async def measure_served(
             for round_ in range(rounds):
                 # New texts for each phase of each round: neither Triton's response cache nor the gateway's
                 # cache can answer a miss.
-                phases["triton"].add(await closed_loop(clients, benchmark_texts(texts, seed=2 * round_), to_triton),
-                                     texts)
+                triton_texts = benchmark_texts(texts, seed=2 * round_)
                 gateway_texts = benchmark_texts(texts, seed=2 * round_ + 1)
-                for name in ("misses", "hits"):
-                    cpu_before = cpu_seconds(gateway_pid)
-                    run = await closed_loop(clients, gateway_texts, to_gateway)
-                    phases[name].add(run, texts, cpu_seconds(gateway_pid) - cpu_before)
+                for name, send, phase_texts in (("triton", to_triton, triton_texts),
+                                                ("misses", to_gateway, gateway_texts),
+                                                ("hits", to_gateway, gateway_texts)):
+                    client_before, gateway_before = cpu_seconds(os.getpid()), cpu_seconds(gateway_pid)
+                    run = await closed_loop(clients, phase_texts, send)
+                    gateway_cpu = cpu_seconds(gateway_pid) - gateway_before if send is to_gateway else 0.0
+                    phases[name].add(run, texts, cpu_seconds(os.getpid()) - client_before, gateway_cpu)
     finally:
         await client.close()
     return phases
@@ -234,7 +241,7 @@ def main() -> None:
         settings = TritonSettings(repository, root / "work", http_port=http_port, grpc_port=grpc_port,
                                   metrics_port=metrics_port)
         with TritonServer(settings) as server, gateway_process(repository, server.grpc_url) as (url, pid):
-            phases = asyncio.run(
+            phases = uvloop.run(
                 measure_served(server.grpc_url, url, pid, args.service, args.clients, args.texts, args.rounds)
             )
     triton, misses, hits = (phases[name] for name in ("triton", "misses", "hits"))
@@ -269,7 +276,9 @@ def main() -> None:
           f"gateway hits {h['texts_per_s']} (p50 {h['p50_ms']}, p99 {h['p99_ms']} ms) = "
           f"{report['cache_hits_over_misses']} x misses (rounds {report['cache_hits_over_misses_by_round']}) | "
           f"gateway CPU per request: miss {m['gateway_cpu_ms_per_request']} ms, "
-          f"hit {h['gateway_cpu_ms_per_request']} ms")
+          f"hit {h['gateway_cpu_ms_per_request']} ms | load generator CPU per request: Triton "
+          f"{t['load_generator_cpu_ms_per_request']} ms, gateway miss {m['load_generator_cpu_ms_per_request']} ms, "
+          f"hit {h['load_generator_cpu_ms_per_request']} ms")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
