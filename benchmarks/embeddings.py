@@ -36,6 +36,7 @@ import numpy as np
 import tritonclient.grpc.aio as grpc_aio
 import uvloop
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
@@ -122,6 +123,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def triton_counts(metrics_url: str, service: str) -> tuple[float, float]:
+    """Triton's count of inferences (rows) and of model executions (batches) for ``service`` so far."""
+    with urllib.request.urlopen(metrics_url, timeout=5) as response:  # noqa: S310 - loopback URL
+        text = response.read().decode()
+    counts = {"nv_inference_count": 0.0, "nv_inference_exec_count": 0.0}
+    for family in text_string_to_metric_families(text):
+        if family.name in counts:
+            counts[family.name] += sum(s.value for s in family.samples if s.labels.get("model") == service)
+    return counts["nv_inference_count"], counts["nv_inference_exec_count"]
+
+
 @dataclass
 class Phase:
     """One kind of measurement, accumulated over the rounds."""
@@ -132,33 +144,39 @@ class Phase:
     requests: int = 0
     client_cpu_s: float = 0.0
     gateway_cpu_s: float = 0.0
+    rows: float = 0.0  # what Triton computed during the phase: rows, in this many executions
+    executions: float = 0.0
 
     def add(self, run: tuple[float, list[float], int], requests: int, client_cpu_s: float,
-            gateway_cpu_s: float = 0.0) -> None:
+            gateway_cpu_s: float, batches: tuple[float, float]) -> None:
         self.throughputs.append(run[0])
         self.latencies += run[1]
         self.refused += run[2]
         self.requests += requests
         self.client_cpu_s += client_cpu_s
         self.gateway_cpu_s += gateway_cpu_s
+        self.rows += batches[0]
+        self.executions += batches[1]
 
     def summary(self) -> dict[str, Any]:
         figures = {"texts_per_s": round(statistics.median(self.throughputs), 1),
                    "texts_per_s_by_round": [round(t, 1) for t in self.throughputs],
                    **percentiles(self.latencies), "refused": self.refused,
                    "load_generator_cpu_ms_per_request": round(1000 * self.client_cpu_s / self.requests, 2)}
+        if self.executions:
+            figures["triton_mean_batch"] = round(self.rows / self.executions, 1)
         if self.gateway_cpu_s:
             figures["gateway_cpu_ms_per_request"] = round(1000 * self.gateway_cpu_s / self.requests, 2)
         return figures
 
 
 async def measure_served(
-    grpc_url: str, gateway_url: str, gateway_pid: int, service: str, clients: int, texts: int, rounds: int
+    server: TritonServer, gateway_url: str, gateway_pid: int, service: str, clients: int, texts: int, rounds: int
 ) -> dict[str, Phase]:
     """``rounds`` rounds of: Triton directly, the gateway on new texts (misses), the gateway on those texts again
     (hits). Interleaved, so that the machine's drift (other tenants, frequency) falls on every phase alike."""
     phases = {"triton": Phase(), "misses": Phase(), "hits": Phase()}
-    client = grpc_aio.InferenceServerClient(grpc_url)
+    client = grpc_aio.InferenceServerClient(server.grpc_url)
     connector = aiohttp.TCPConnector(limit=clients)
     try:
         async with aiohttp.ClientSession(connector=connector) as session:
@@ -175,9 +193,12 @@ async def measure_served(
                                                 ("misses", to_gateway, gateway_texts),
                                                 ("hits", to_gateway, gateway_texts)):
                     client_before, gateway_before = cpu_seconds(os.getpid()), cpu_seconds(gateway_pid)
+                    batches_before = triton_counts(server.metrics_url, service)
                     run = await closed_loop(clients, phase_texts, send)
                     gateway_cpu = cpu_seconds(gateway_pid) - gateway_before if send is to_gateway else 0.0
-                    phases[name].add(run, texts, cpu_seconds(os.getpid()) - client_before, gateway_cpu)
+                    batches = triton_counts(server.metrics_url, service)
+                    phases[name].add(run, texts, cpu_seconds(os.getpid()) - client_before, gateway_cpu,
+                                     (batches[0] - batches_before[0], batches[1] - batches_before[1]))
     finally:
         await client.close()
     return phases
@@ -242,7 +263,7 @@ def main() -> None:
                                   metrics_port=metrics_port)
         with TritonServer(settings) as server, gateway_process(repository, server.grpc_url) as (url, pid):
             phases = uvloop.run(
-                measure_served(server.grpc_url, url, pid, args.service, args.clients, args.texts, args.rounds)
+                measure_served(server, url, pid, args.service, args.clients, args.texts, args.rounds)
             )
     triton, misses, hits = (phases[name] for name in ("triton", "misses", "hits"))
     # Ratios within each round (the same minute of the same machine), then their median over the rounds.
@@ -270,8 +291,10 @@ def main() -> None:
     print(json.dumps(report, indent=2))
     t, m, h = report["triton"], report["gateway"]["misses"], report["gateway"]["hits"]
     print(f"\nmedians of {args.rounds} rounds: in-process {best} texts/s | Triton {t['texts_per_s']} "
-          f"(p50 {t['p50_ms']} ms, p99 {t['p99_ms']} ms) = {report['triton_over_in_process']} x in-process | "
-          f"gateway misses {m['texts_per_s']} (p50 {m['p50_ms']}, p99 {m['p99_ms']} ms) = "
+          f"(p50 {t['p50_ms']} ms, p99 {t['p99_ms']} ms, mean batch {t['triton_mean_batch']}) = "
+          f"{report['triton_over_in_process']} x in-process | "
+          f"gateway misses {m['texts_per_s']} (p50 {m['p50_ms']}, p99 {m['p99_ms']} ms, mean batch "
+          f"{m['triton_mean_batch']}) = "
           f"{report['gateway_over_triton']} x Triton (rounds {report['gateway_over_triton_by_round']}) | "
           f"gateway hits {h['texts_per_s']} (p50 {h['p50_ms']}, p99 {h['p99_ms']} ms) = "
           f"{report['cache_hits_over_misses']} x misses (rounds {report['cache_hits_over_misses_by_round']}) | "
