@@ -54,6 +54,7 @@ def _llm_inputs(body: _Sampling, max_tokens: int | None, **text: str) -> dict[st
 async def generate(gateway: Gateway, call: Call, inputs: dict[str, Any], arrival: float) -> AsyncIterator[Piece]:
     """The pieces of one generation; raises DeadlineExceeded when the runtime stopped it for inference_timeout."""
     service = call.route.service
+    metrics = gateway.metrics.of(service)
     first = True
     async for result in gateway.triton.stream(service, inputs, call.call_timeout()):
         piece = Piece(
@@ -63,11 +64,11 @@ async def generate(gateway: Gateway, call: Call, inputs: dict[str, Any], arrival
             completion_tokens=int(result["completion_tokens"].item()),
         )
         if first and piece.text:
-            gateway.metrics.of(service).first_token.observe(time.monotonic() - arrival)
+            metrics.first_token.observe(time.monotonic() - arrival)
             first = False
         if piece.finish_reason:
-            gateway.metrics.of(service).prompt_tokens.inc(piece.prompt_tokens)
-            gateway.metrics.of(service).completion_tokens.inc(piece.completion_tokens)
+            metrics.prompt_tokens.inc(piece.prompt_tokens)
+            metrics.completion_tokens.inc(piece.completion_tokens)
             if piece.finish_reason == "timeout":
                 raise DeadlineExceeded(
                     f"{service} stopped generating at its inference_timeout of {call.route.inference_timeout:g} s"
