@@ -5,7 +5,8 @@
 Compiles the one service into a scratch repository (its rate limit lifted, its cache on), measures in-process
 onnxruntime on the same exported graph (all cores, batch 1 and batch 16: the ceiling), then starts tritonserver and
 a `sluice gateway` process on free loopback ports and measures, in each of several rounds: Triton over gRPC; the
-gateway over HTTP with every text new (cache misses); the gateway again with the same texts (cache hits). Each
+bare forwarder (benchmarks/bare_forwarder.py: the same HTTP server and gRPC call as the gateway, no features);
+the gateway over HTTP with every text new (cache misses); the gateway again with the same texts (cache hits). Each
 served measurement uses N concurrent clients, each sending one text per request and awaiting the answer.
 
 On shared 2-core machines throughput drifts by 10 % or more from minute to minute, so the phases are interleaved
@@ -26,7 +27,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,18 +144,18 @@ class Phase:
     refused: int = 0
     requests: int = 0
     client_cpu_s: float = 0.0
-    gateway_cpu_s: float = 0.0
+    server_cpu_s: float = 0.0  # the HTTP server's (the gateway's or the bare forwarder's)
     rows: float = 0.0  # what Triton computed during the phase: rows, in this many executions
     executions: float = 0.0
 
     def add(self, run: tuple[float, list[float], int], requests: int, client_cpu_s: float,
-            gateway_cpu_s: float, batches: tuple[float, float]) -> None:
+            server_cpu_s: float, batches: tuple[float, float]) -> None:
         self.throughputs.append(run[0])
         self.latencies += run[1]
         self.refused += run[2]
         self.requests += requests
         self.client_cpu_s += client_cpu_s
-        self.gateway_cpu_s += gateway_cpu_s
+        self.server_cpu_s += server_cpu_s
         self.rows += batches[0]
         self.executions += batches[1]
 
@@ -165,39 +166,48 @@ class Phase:
                    "load_generator_cpu_ms_per_request": round(1000 * self.client_cpu_s / self.requests, 2)}
         if self.executions:
             figures["triton_mean_batch"] = round(self.rows / self.executions, 1)
-        if self.gateway_cpu_s:
-            figures["gateway_cpu_ms_per_request"] = round(1000 * self.gateway_cpu_s / self.requests, 2)
+        if self.server_cpu_s:
+            figures["server_cpu_ms_per_request"] = round(1000 * self.server_cpu_s / self.requests, 2)
         return figures
 
 
 async def measure_served(
-    server: TritonServer, gateway_url: str, gateway_pid: int, service: str, clients: int, texts: int, rounds: int
+    server: TritonServer, gateway: tuple[str, int], forwarder: tuple[str, int], service: str, clients: int,
+    texts: int, rounds: int,
 ) -> dict[str, Phase]:
-    """``rounds`` rounds of: Triton directly, the gateway on new texts (misses), the gateway on those texts again
-    (hits). Interleaved, so that the machine's drift (other tenants, frequency) falls on every phase alike."""
-    phases = {"triton": Phase(), "misses": Phase(), "hits": Phase()}
+    """``rounds`` rounds of: Triton directly, the bare forwarder, the gateway on new texts (misses), the gateway on
+    those texts again (hits). Interleaved, so that the machine's drift (other tenants, frequency) falls on every
+    phase alike. ``gateway`` and ``forwarder`` are (URL, process id)."""
+    phases = {"triton": Phase(), "forwarder": Phase(), "misses": Phase(), "hits": Phase()}
     client = grpc_aio.InferenceServerClient(server.grpc_url)
-    connector = aiohttp.TCPConnector(limit=clients)
+    connector = aiohttp.TCPConnector(limit=2 * clients)
     try:
         async with aiohttp.ClientSession(connector=connector) as session:
             to_triton = triton_sender(client, service)
-            to_gateway = gateway_sender(session, f"{gateway_url}/v1/embeddings", service)
+            to_forwarder = gateway_sender(session, f"{forwarder[0]}/v1/embeddings", service)
+            to_gateway = gateway_sender(session, f"{gateway[0]}/v1/embeddings", service)
             await closed_loop(clients, [f"warm-up {i}" for i in range(200)], to_triton)
+            await closed_loop(clients, [f"forwarder warm-up {i}" for i in range(200)], to_forwarder)
             await closed_loop(clients, [f"gateway warm-up {i}" for i in range(200)], to_gateway)
             for round_ in range(rounds):
                 # New texts for each phase of each round: neither Triton's response cache nor the gateway's
                 # cache can answer a miss.
-                triton_texts = benchmark_texts(texts, seed=2 * round_)
-                gateway_texts = benchmark_texts(texts, seed=2 * round_ + 1)
-                for name, send, phase_texts in (("triton", to_triton, triton_texts),
-                                                ("misses", to_gateway, gateway_texts),
-                                                ("hits", to_gateway, gateway_texts)):
-                    client_before, gateway_before = cpu_seconds(os.getpid()), cpu_seconds(gateway_pid)
+                triton_texts, forwarder_texts, gateway_texts = (
+                    benchmark_texts(texts, seed=3 * round_ + i) for i in range(3)
+                )
+                for name, send, server_pid, phase_texts in (
+                    ("triton", to_triton, None, triton_texts),
+                    ("forwarder", to_forwarder, forwarder[1], forwarder_texts),
+                    ("misses", to_gateway, gateway[1], gateway_texts),
+                    ("hits", to_gateway, gateway[1], gateway_texts),
+                ):
+                    client_before = cpu_seconds(os.getpid())
+                    server_before = cpu_seconds(server_pid) if server_pid else 0.0
                     batches_before = triton_counts(server.metrics_url, service)
                     run = await closed_loop(clients, phase_texts, send)
-                    gateway_cpu = cpu_seconds(gateway_pid) - gateway_before if send is to_gateway else 0.0
+                    server_cpu = cpu_seconds(server_pid) - server_before if server_pid else 0.0
                     batches = triton_counts(server.metrics_url, service)
-                    phases[name].add(run, texts, cpu_seconds(os.getpid()) - client_before, gateway_cpu,
+                    phases[name].add(run, texts, cpu_seconds(os.getpid()) - client_before, server_cpu,
                                      (batches[0] - batches_before[0], batches[1] - batches_before[1]))
     finally:
         await client.close()
@@ -205,12 +215,12 @@ async def measure_served(
 
 
 @contextmanager
-def gateway_process(repository: Path, grpc_url: str) -> Iterator[tuple[str, int]]:
-    """`sluice gateway` in its own process, as deployed: its URL and process id."""
+def served_process(module_args: list[str], what: str) -> Iterator[tuple[str, int]]:
+    """``python -m <module_args> --port <free port>`` in its own process, once its /ready answers: its URL and
+    process id."""
     (port,) = free_ports(1)
     process = subprocess.Popen(
-        [sys.executable, "-m", "sluice", "gateway", "--repository", str(repository), "--triton-grpc", grpc_url,
-         "--port", str(port)],
+        [sys.executable, "-m", *module_args, "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     url = f"http://127.0.0.1:{port}"
@@ -218,12 +228,24 @@ def gateway_process(repository: Path, grpc_url: str) -> Iterator[tuple[str, int]
         deadline = time.monotonic() + 60
         while not _ready(url):
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the gateway did not start: {process.stderr.read() if process.stderr else ''}")
+                raise RuntimeError(f"{what} did not start: {process.stderr.read() if process.stderr else ''}")
             time.sleep(0.2)
         yield url, process.pid
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=30)
+
+
+def gateway_process(repository: Path, grpc_url: str) -> AbstractContextManager[tuple[str, int]]:
+    """`sluice gateway` in its own process, as deployed."""
+    return served_process(
+        ["sluice", "gateway", "--repository", str(repository), "--triton-grpc", grpc_url], "the gateway"
+    )
+
+
+def bare_forwarder_process(grpc_url: str) -> AbstractContextManager[tuple[str, int]]:
+    """The reference forwarder (benchmarks/bare_forwarder.py) in its own process."""
+    return served_process(["benchmarks.bare_forwarder", "--triton-grpc", grpc_url], "the bare forwarder")
 
 
 def _ready(url: str) -> bool:
@@ -261,13 +283,16 @@ def main() -> None:
         http_port, grpc_port, metrics_port = free_ports(3)
         settings = TritonSettings(repository, root / "work", http_port=http_port, grpc_port=grpc_port,
                                   metrics_port=metrics_port)
-        with TritonServer(settings) as server, gateway_process(repository, server.grpc_url) as (url, pid):
+        with (TritonServer(settings) as server, gateway_process(repository, server.grpc_url) as gateway,
+              bare_forwarder_process(server.grpc_url) as forwarder):
             phases = uvloop.run(
-                measure_served(server, url, pid, args.service, args.clients, args.texts, args.rounds)
+                measure_served(server, gateway, forwarder, args.service, args.clients, args.texts, args.rounds)
             )
-    triton, misses, hits = (phases[name] for name in ("triton", "misses", "hits"))
+    triton, bare, misses, hits = (phases[name] for name in ("triton", "forwarder", "misses", "hits"))
     # Ratios within each round (the same minute of the same machine), then their median over the rounds.
     gateway_ratios = [m / t for m, t in zip(misses.throughputs, triton.throughputs, strict=True)]
+    bare_ratios = [b / t for b, t in zip(bare.throughputs, triton.throughputs, strict=True)]
+    features_ratios = [m / b for m, b in zip(misses.throughputs, bare.throughputs, strict=True)]
     cache_ratios = [h / m for h, m in zip(hits.throughputs, misses.throughputs, strict=True)]
     best = max(ceiling.values())
     report = {
@@ -281,27 +306,36 @@ def main() -> None:
         "cores": os.cpu_count(),
         "in_process_texts_per_s": ceiling,
         "triton": triton.summary(),
+        "bare_forwarder": bare.summary(),
         "gateway": {"misses": misses.summary(), "hits": hits.summary()},
         "triton_over_in_process": round(statistics.median(triton.throughputs) / best, 3),
         "gateway_over_triton": round(statistics.median(gateway_ratios), 3),
         "gateway_over_triton_by_round": [round(r, 3) for r in gateway_ratios],
+        # What any Python HTTP hop costs here, and what the gateway's features cost on top of one.
+        "bare_forwarder_over_triton": round(statistics.median(bare_ratios), 3),
+        "bare_forwarder_over_triton_by_round": [round(r, 3) for r in bare_ratios],
+        "gateway_over_bare_forwarder": round(statistics.median(features_ratios), 3),
+        "gateway_over_bare_forwarder_by_round": [round(r, 3) for r in features_ratios],
         "cache_hits_over_misses": round(statistics.median(cache_ratios), 1),
         "cache_hits_over_misses_by_round": [round(r, 1) for r in cache_ratios],
     }
     print(json.dumps(report, indent=2))
-    t, m, h = report["triton"], report["gateway"]["misses"], report["gateway"]["hits"]
+    t, b, m, h = report["triton"], report["bare_forwarder"], report["gateway"]["misses"], report["gateway"]["hits"]
     print(f"\nmedians of {args.rounds} rounds: in-process {best} texts/s | Triton {t['texts_per_s']} "
           f"(p50 {t['p50_ms']} ms, p99 {t['p99_ms']} ms, mean batch {t['triton_mean_batch']}) = "
           f"{report['triton_over_in_process']} x in-process | "
+          f"bare forwarder {b['texts_per_s']} (mean batch {b['triton_mean_batch']}) = "
+          f"{report['bare_forwarder_over_triton']} x Triton (rounds {report['bare_forwarder_over_triton_by_round']}) | "
           f"gateway misses {m['texts_per_s']} (p50 {m['p50_ms']}, p99 {m['p99_ms']} ms, mean batch "
           f"{m['triton_mean_batch']}) = "
-          f"{report['gateway_over_triton']} x Triton (rounds {report['gateway_over_triton_by_round']}) | "
+          f"{report['gateway_over_triton']} x Triton (rounds {report['gateway_over_triton_by_round']}), "
+          f"{report['gateway_over_bare_forwarder']} x bare forwarder | "
           f"gateway hits {h['texts_per_s']} (p50 {h['p50_ms']}, p99 {h['p99_ms']} ms) = "
           f"{report['cache_hits_over_misses']} x misses (rounds {report['cache_hits_over_misses_by_round']}) | "
-          f"gateway CPU per request: miss {m['gateway_cpu_ms_per_request']} ms, "
-          f"hit {h['gateway_cpu_ms_per_request']} ms | load generator CPU per request: Triton "
-          f"{t['load_generator_cpu_ms_per_request']} ms, gateway miss {m['load_generator_cpu_ms_per_request']} ms, "
-          f"hit {h['load_generator_cpu_ms_per_request']} ms")
+          f"server CPU per request: bare forwarder {b['server_cpu_ms_per_request']} ms, gateway miss "
+          f"{m['server_cpu_ms_per_request']} ms, hit {h['server_cpu_ms_per_request']} ms | load generator CPU per "
+          f"request: Triton {t['load_generator_cpu_ms_per_request']} ms, "
+          f"HTTP {m['load_generator_cpu_ms_per_request']} ms")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
