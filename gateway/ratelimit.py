@@ -6,7 +6,8 @@ Three separate choices, as in ``limits`` itself:
   ``limits`` item: a whole number of requests per whole number of seconds;
 - *where*: :func:`storage_uri` picks the storage from the gateway's Redis URL: ``async+memory://`` for one
   process, ``async+redis://...`` so that every gateway process draws on one shared budget;
-- *how*: the moving-window strategy (:class:`limits.aio.strategies.MovingWindowRateLimiter`), because
+- *how*: the moving-window strategy (what :class:`limits.aio.strategies.MovingWindowRateLimiter` does, called on
+  the storage directly), because
 
   * it keeps the timestamp of every admitted request in the window, so no window of ``window_s`` seconds ever
     holds more than ``limit`` admissions: no double burst at a window edge as with a fixed window, and no
@@ -30,8 +31,7 @@ from typing import Any
 
 import limits.errors
 from limits import RateLimitItem, RateLimitItemPerSecond
-from limits.aio.storage import MemoryStorage, RedisStorage, Storage
-from limits.aio.strategies import MovingWindowRateLimiter
+from limits.aio.storage import MemoryStorage, MovingWindowSupport, RedisStorage, Storage
 from redis.asyncio import ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -112,6 +112,12 @@ def limit_for_rate(rate: float) -> RateLimitItem:
     return RateLimitItemPerSecond(best[1], best[2], namespace=NAMESPACE)
 
 
+@functools.lru_cache(maxsize=1024)
+def _bucket_key(rate: float, bucket: str) -> tuple[RateLimitItem, str]:
+    item = limit_for_rate(rate)
+    return item, item.key_for(bucket)
+
+
 def storage_uri(redis_url: str | None) -> str:
     """The ``limits`` storage URI for the gateway's Redis URL (``redis://``, ``rediss://``, ``unix://``)."""
     if redis_url is None:
@@ -149,8 +155,9 @@ class RateLimiter:
     """Moving-window budgets over one storage; one instance per gateway process, shared by all routes."""
 
     def __init__(self, storage: Storage, *, pool: ConnectionPool | None = None) -> None:
-        self._storage = storage
-        self._strategy = MovingWindowRateLimiter(storage)
+        if not isinstance(storage, MovingWindowSupport):
+            raise TypeError(f"{type(storage).__name__} does not support moving windows")
+        self._storage: MovingWindowSupport = storage
         self._pool = pool  # the Redis connections we opened, closed by close()
 
     @classmethod
@@ -179,20 +186,23 @@ class RateLimiter:
 
         Raises :class:`RateLimitStorageError` when the storage cannot be reached: neither allow nor deny.
         """
-        item = limit_for_rate(rate)
+        item, key = _bucket_key(rate, bucket)
+        expiry = item.get_expiry()
+        # What MovingWindowRateLimiter.hit and .get_window_stats do, on the storage's moving-window interface
+        # directly: the strategy's wrappers (and the key it rebuilds on each call) cost more than the storage.
         try:
-            allowed = await self._strategy.hit(item, bucket)
+            allowed = await self._storage.acquire_entry(key, item.amount, expiry)
             # A second round trip: under concurrent requests the figures may be a request or two stale, which
-            # headers tolerate; the decision itself came from the atomic hit above.
-            stats = await self._strategy.get_window_stats(item, bucket)
+            # headers tolerate; the decision itself came from the atomic acquire above.
+            window_start, admitted = await self._storage.get_moving_window(key, item.amount, expiry)
         except limits.errors.StorageError as exc:
             raise RateLimitStorageError(exc.storage_error) from exc
         return Decision(
             allowed=allowed,
             limit=item.amount,
-            remaining=max(0, stats.remaining),
-            reset_after=max(0.0, stats.reset_time - time.time()),
-            window_s=item.get_expiry(),
+            remaining=max(0, item.amount - admitted),
+            reset_after=max(0.0, window_start + expiry - time.time()),
+            window_s=expiry,
         )
 
     async def close(self) -> None:
