@@ -7,6 +7,7 @@ score).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +33,12 @@ class Encoded:
     hits: int
 
 
+@functools.lru_cache(maxsize=64)
+def _namespace(service: str, fingerprint: str, route_type: str) -> bytes:
+    """The cache key namespace of a route: the same for every request, so built once."""
+    return key_namespace(service, fingerprint, {"type": route_type})
+
+
 def _pack(tokens: int, truncated: bool, values: npt.NDArray[np.float32]) -> bytes:
     return np.int32(tokens).tobytes() + bytes([truncated]) + np.ascontiguousarray(values, np.float32).tobytes()
 
@@ -52,8 +59,7 @@ async def encode(
     keys: list[str] = []
     caching = route.enable_cache and gateway.cache is not None
     if caching:
-        namespace = key_namespace(route.service, route.fingerprint, {"type": route.type})
-        keys = item_keys(namespace, ["\0".join(item) for item in items])
+        keys = item_keys(_namespace(route.service, route.fingerprint, route.type), ["\0".join(item) for item in items])
         if use_cache:
             cached = await gateway.cache.get_many(keys)
     misses = [i for i, blob in enumerate(cached) if blob is None]
@@ -93,10 +99,14 @@ async def _infer(
         results = await gather(*(_infer_chunk(gateway, call, chunk) for chunk in chunks))
     value_name = "embedding" if route.type == "embedding" else "score"
     return (
-        np.concatenate([r["tokens"].reshape(-1) for r in results]).astype(np.int32),
-        np.concatenate([r["truncated"].reshape(-1) for r in results]).astype(np.bool_),
-        np.concatenate([r[value_name] for r in results]).astype(np.float32),
+        _joined([r["tokens"].reshape(-1) for r in results]).astype(np.int32, copy=False),
+        _joined([r["truncated"].reshape(-1) for r in results]).astype(np.bool_, copy=False),
+        _joined([r[value_name] for r in results]).astype(np.float32, copy=False),
     )
+
+
+def _joined(arrays: list[npt.NDArray[Any]]) -> npt.NDArray[Any]:
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 
 async def _infer_chunk(gateway: Gateway, call: Call, chunk: list[tuple[str, ...]]) -> dict[str, Any]:
