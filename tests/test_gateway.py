@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import numpy as np
@@ -21,6 +21,7 @@ import openai
 import pytest
 import uvicorn
 
+from benchmarks.bare_forwarder import forwarder
 from compiler.pipeline import compile_repository
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
@@ -65,30 +66,38 @@ def gateway_config(models: dict[str, Path]) -> dict[str, Any]:
     }
 
 
-class GatewayServer:
-    """The gateway app served by uvicorn in a thread, on a free loopback port."""
+class AppServer:
+    """An ASGI app served by uvicorn in a thread, on a free loopback port."""
 
-    def __init__(self, settings: GatewaySettings) -> None:
-        (port,) = free_ports(1)
-        self.settings = replace(settings, port=port)
-        config = uvicorn.Config(create_app(self.settings), host="127.0.0.1", port=port, log_level="warning",
-                                lifespan="on", access_log=False)
+    def __init__(self, app: Any, port: int | None = None) -> None:
+        port = port or free_ports(1)[0]
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
+                                access_log=False)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{port}"
 
-    def __enter__(self) -> GatewayServer:
+    def __enter__(self) -> Self:
         self.thread.start()
         deadline = time.monotonic() + 20
         while not self.server.started:
             if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the gateway did not start")
+                raise RuntimeError("the server did not start")
             time.sleep(0.05)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=20)
+
+
+class GatewayServer(AppServer):
+    """The gateway app, served as AppServer serves."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        (port,) = free_ports(1)
+        self.settings = replace(settings, port=port)
+        super().__init__(create_app(self.settings), port)
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +162,20 @@ def test_embeddings_split_a_large_batch_into_requests_triton_accepts_when_above_
                         headers={"cache-control": "no-cache"}).json()["data"][0]["embedding"]
     np.testing.assert_allclose(data[7]["embedding"], alone, atol=1e-5)
     assert whole.json()["usage"]["prompt_tokens"] > 10
+
+
+def test_the_benchmarks_bare_forwarder_answers_the_embedding_the_gateway_answers(
+    client: httpx.Client, stack: tuple[TritonServer, Path]
+) -> None:
+    triton, _ = stack
+    body = {"model": "embedding_service", "input": ["forwarded as it is"]}
+    with AppServer(forwarder(triton.grpc_url)) as bare:
+        forwarded = httpx.post(f"{bare.url}/v1/embeddings", json=body, timeout=30)
+        unknown = httpx.post(f"{bare.url}/v1/embeddings", json={**body, "model": "no_such_service"}, timeout=30)
+    assert forwarded.status_code == 200, forwarded.text
+    served = client.post("/v1/embeddings", json=body, headers={"cache-control": "no-cache"}).json()
+    np.testing.assert_allclose(forwarded.json()["data"][0]["embedding"], served["data"][0]["embedding"], atol=1e-5)
+    assert unknown.status_code >= 400 and "no_such_service" in unknown.json()["error"]["message"]
 
 
 def test_embeddings_encode_base64_as_little_endian_float32_when_asked(client: httpx.Client) -> None:
