@@ -1,10 +1,10 @@
 """The least any Python HTTP-to-Triton hop costs: a reference for the gateway in `make bench`.
 
-One ASGI callable, served like `sluice gateway` (uvicorn, uvloop, httptools, start-up objects frozen out of the
-garbage collector), that reads an OpenAI-shaped embeddings request and makes the same gRPC call as the gateway
-(``gateway.triton.Triton``), and nothing else: no validation, rate limit, cache, deadline, auth, metrics or
-disconnect watch. The benchmark measures it beside the gateway, so that the gateway's cost splits into what any
-hop costs on this machine (forwarder / Triton) and what the gateway's features add (gateway / forwarder).
+One ASGI callable, served as `sluice gateway` is (``sluice.serve.serve_asgi``), that reads an OpenAI-shaped
+embeddings request and makes the same gRPC call as the gateway (``gateway.triton.Triton``), and nothing else: no
+validation, rate limit, cache, deadline, auth, metrics or disconnect watch. The benchmark measures it beside the
+gateway, so that the gateway's cost splits into what any hop costs on this machine (forwarder / Triton) and what the
+gateway's features add (gateway / forwarder).
 
     python -m benchmarks.bare_forwarder --triton-grpc 127.0.0.1:8001 --port 8090
 """
@@ -12,14 +12,13 @@ hop costs on this machine (forwarder / Triton) and what the gateway's features a
 from __future__ import annotations
 
 import argparse
-import gc
 from typing import Any
 
 import orjson
-import uvicorn
 
 from gateway.errors import GatewayError
 from gateway.triton import Triton, text_column
+from sluice.serve import serve_asgi
 
 OUTPUTS = ("embedding", "tokens", "truncated")
 TIMEOUT_S = 5.0
@@ -73,12 +72,7 @@ def main() -> None:
     parser.add_argument("--triton-grpc", required=True)
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    config = uvicorn.Config(forwarder(args.triton_grpc), host="127.0.0.1", port=args.port, log_level="warning",
-                            access_log=False, loop="uvloop", http="httptools", lifespan="on",
-                            proxy_headers=False, server_header=False)
-    gc.collect()
-    gc.freeze()
-    uvicorn.Server(config).run()
+    serve_asgi(forwarder(args.triton_grpc), "127.0.0.1", args.port)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ On shared 2-core machines throughput drifts by 10 % or more from minute to minut
 and ratios are taken within each round, then their median reported. Run it alone: anything else running skews
 every figure.
 """
+
 from __future__ import annotations
 
 import argparse

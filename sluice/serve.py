@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from compiler.check import is_loopback
 from compiler.pipeline import Compiled, compile_repository
@@ -140,16 +141,22 @@ def quiet_garbage_collector() -> None:
 
 def run_gateway(settings: GatewaySettings, say: Say) -> None:
     """Serve the gateway until SIGINT/SIGTERM (uvicorn's own handlers: it drains, closes, then re-raises)."""
-    import uvicorn
-
     from gateway.app import create_app
 
     if not settings.key_digests:
         if not is_loopback(settings.host):
             raise SluiceError(f"refusing to listen on {settings.host} without API keys (gateway.api_keys)")
         say(f"no API keys configured: the gateway listens on {settings.host} only")
+    serve_asgi(create_app(settings), settings.host, settings.port)
+
+
+def serve_asgi(app: Any, host: str, port: int) -> None:
+    """Serve an ASGI app as the gateway is served (the benchmark's bare forwarder too, to compare like with like):
+    uvicorn on uvloop and httptools, no access log, the collector quieted once the app is built."""
+    import uvicorn
+
     config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, log_level="warning",
+        app, host=host, port=port, log_level="warning",
         access_log=False, loop="uvloop", http="httptools", lifespan="on",
         # Clients reach the gateway directly or through a proxy that the operator configures; trusting
         # X-Forwarded-* by default would let any client spoof its address.
