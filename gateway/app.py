@@ -17,6 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .cache import create_cache
+from .coalescing import Coalescer
 from .completions import create_chat_completion, create_completion
 from .embeddings import create_embeddings
 from .errors import DeadlineExceeded, GatewayError, NotFound, Unavailable
@@ -37,9 +38,11 @@ def create_app(settings: GatewaySettings) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        triton = Triton(settings.triton_grpc)
         gateway = Gateway(
             settings=settings,
-            triton=Triton(settings.triton_grpc),
+            triton=triton,
+            coalescer=Coalescer(triton, on_call=lambda service, callers: metrics.of(service).merged.observe(callers)),
             limiter=RateLimiter.from_url(settings.redis_url),
             cache=create_cache(settings.redis_url, settings.cache_max_items),
             metrics=metrics,

@@ -1,5 +1,6 @@
 """Embeddings and rerank scores: per-item cache first, then Triton for the misses, in requests of at most
-``batch_size`` rows sent concurrently, reassembled in order.
+``batch_size`` rows sent concurrently (and merged with other clients' concurrent requests: coalescing.py),
+reassembled in order.
 
 Cached value of one item: int32 token count, one truncation byte, then float32 values (the embedding, or one
 score).
@@ -120,7 +121,7 @@ async def _infer_chunk(gateway: Gateway, call: Call, chunk: list[tuple[str, ...]
         outputs = ["score", "tokens", "truncated"]
     started = time.monotonic()
     try:
-        return await gateway.triton.infer(route.service, inputs, outputs, call.call_timeout())
+        return await gateway.coalescer.infer(route.service, inputs, outputs, call.call_timeout(), route.batch_size)
     finally:
         gateway.metrics.of(route.service).triton_latency.observe(time.monotonic() - started)
 

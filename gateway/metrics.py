@@ -14,6 +14,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+_MERGE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -22,6 +23,7 @@ class ServiceMetrics:
     """One service's children of the gateway's metrics."""
 
     triton_latency: Any
+    merged: Any
     rate_limited_by_key: Any
     rate_limited_by_service: Any
     cache_hits: Any
@@ -43,6 +45,9 @@ class GatewayMetrics:
                                  ["service", "endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
         self.triton_latency = Histogram("sluice_gateway_triton_seconds", "Time in each Triton call",
                                         ["service"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.merged = Histogram("sluice_gateway_triton_call_requests",
+                                "Gateway requests sent as each Triton call (concurrent requests merged)",
+                                ["service"], buckets=_MERGE_BUCKETS, registry=r)
         self.rate_limited = Counter("sluice_gateway_rate_limited", "Requests refused by a rate limit",
                                     ["service", "scope"], registry=r)
         self.cache_hits = Counter("sluice_gateway_cache_hits", "Items answered from the cache", ["service"],
@@ -66,6 +71,7 @@ class GatewayMetrics:
         if bound is None:
             bound = self._services[service] = ServiceMetrics(
                 triton_latency=self.triton_latency.labels(service),
+                merged=self.merged.labels(service),
                 rate_limited_by_key=self.rate_limited.labels(service, "api_key"),
                 rate_limited_by_service=self.rate_limited.labels(service, "service"),
                 cache_hits=self.cache_hits.labels(service),

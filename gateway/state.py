@@ -9,6 +9,7 @@ import orjson
 from starlette.responses import Response
 
 from .cache import ItemCache
+from .coalescing import Coalescer
 from .metrics import GatewayMetrics
 from .ratelimit import RateLimiter
 from .settings import GatewaySettings
@@ -21,6 +22,7 @@ class Gateway:
 
     settings: GatewaySettings
     triton: Triton
+    coalescer: Coalescer  # embeddings and rerank reach Triton through it
     limiter: RateLimiter
     cache: ItemCache
     metrics: GatewayMetrics

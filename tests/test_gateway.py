@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +25,10 @@ import uvicorn
 from benchmarks.bare_forwarder import forwarder
 from compiler.pipeline import compile_repository
 from gateway.app import create_app
+from gateway.coalescing import Coalescer
+from gateway.errors import GatewayError
 from gateway.settings import GatewaySettings
+from gateway.triton import Triton, text_column
 from sluice.triton_server import TritonServer, TritonSettings, free_ports
 from tests.helpers import metrics_text, sample_value, write_yaml
 
@@ -293,6 +297,136 @@ def test_two_gateways_sharing_redis_admit_one_budget_when_loaded_together(
         admitted, responses = admitted_under_load([first.url, second.url], rate=30, seconds=6)
     assert {r.status_code for r in responses} == {200, 429}
     assert 54 <= admitted <= 70, admitted  # one budget of 10/s, not two
+
+
+# ---- concurrent requests merged into one Triton call ----------------------------------------------------------------
+
+EMBED_OUTPUTS = ("embedding", "tokens", "truncated")
+
+
+Scenario = Callable[[Coalescer, Triton, list[tuple[str, int]]], Awaitable[Any]]
+
+
+def run_coalesced(triton_url: str, scenario: Scenario) -> Any:
+    """``scenario(coalescer, triton, merges)`` in an event loop, against the real Triton; ``merges`` records each
+    Triton call the coalescer makes as (service, callers)."""
+
+    async def main() -> Any:
+        triton = Triton(triton_url)
+        merges: list[tuple[str, int]] = []
+        try:
+            return await scenario(Coalescer(triton, on_call=lambda s, n: merges.append((s, n))), triton, merges)
+        finally:
+            await triton.close()
+
+    return asyncio.run(main())
+
+
+def test_coalescer_sends_concurrent_callers_as_few_requests_and_gives_each_its_own_rows(
+    stack: tuple[TritonServer, Path],
+) -> None:
+    triton_server, _ = stack
+    texts = [[f"merge probe {time.time_ns()} {i}-{j}" for j in range(rows)] for i, rows in enumerate((3, 1, 2, 1, 1))]
+
+    async def scenario(coalescer: Coalescer, triton: Triton, merges: list[tuple[str, int]]) -> Any:
+        alone = [await triton.infer("embedding_service", {"text": text_column(t)}, EMBED_OUTPUTS, 5) for t in texts]
+        requests_before = triton_metric(triton_server, "nv_inference_request_success", model="embedding_service")
+        merged = await asyncio.gather(*(
+            coalescer.infer("embedding_service", {"text": text_column(t)}, EMBED_OUTPUTS, 5, max_rows=4)
+            for t in texts
+        ))
+        requests = triton_metric(triton_server, "nv_inference_request_success", model="embedding_service")
+        return alone, merged, requests - requests_before, merges
+
+    alone, merged, requests, merges = run_coalesced(triton_server.grpc_url, scenario)
+    # In arrival order, at most 4 rows a request: 3 + 1, then 2 + 1 + 1.
+    assert merges == [("embedding_service", 2), ("embedding_service", 3)]
+    assert requests == 2
+    for solo, together, sent in zip(alone, merged, texts, strict=True):
+        assert together["embedding"].shape == (len(sent), 384)
+        np.testing.assert_allclose(together["embedding"], solo["embedding"], atol=1e-5)
+        np.testing.assert_array_equal(together["tokens"], solo["tokens"])
+
+
+def test_coalescer_answers_the_callers_that_stay_when_others_leave(stack: tuple[TritonServer, Path]) -> None:
+    triton_server, _ = stack
+
+    async def scenario(coalescer: Coalescer, triton: Triton, merges: list[tuple[str, int]]) -> Any:
+        def infer(text: str) -> Awaitable[Any]:
+            return coalescer.infer("embedding_service", {"text": text_column([text])}, EMBED_OUTPUTS, 5, max_rows=4)
+
+        # One caller leaves before the merged request is sent, one while it is in Triton.
+        before, during, staying = (asyncio.ensure_future(infer(f"stay or go {i}")) for i in range(3))
+        before.cancel()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        during.cancel()
+        answer = await staying
+        return merges, answer, before.cancelled() and during.cancelled()
+
+    merges, answer, both_left = run_coalesced(triton_server.grpc_url, scenario)
+    assert merges == [("embedding_service", 2)]  # the first leaver was never sent
+    assert both_left and answer["embedding"].shape == (1, 384)
+
+
+def test_coalescer_cancels_the_triton_call_when_every_caller_leaves(stack: tuple[TritonServer, Path]) -> None:
+    triton_server, _ = stack
+
+    async def scenario(coalescer: Coalescer, triton: Triton, merges: list[tuple[str, int]]) -> Any:
+        callers = [asyncio.ensure_future(coalescer.infer(
+            "embedding_service", {"text": text_column([f"all leave {i}"])}, EMBED_OUTPUTS, 5, max_rows=4))
+            for i in range(2)]
+        for _ in range(3):  # sent, and waiting on Triton
+            await asyncio.sleep(0)
+        sends = [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "") == "Coalescer._send"]
+        for caller in callers:
+            caller.cancel()
+        await asyncio.wait(sends, timeout=5)
+        return merges, [t.cancelled() for t in sends]
+
+    merges, cancelled = run_coalesced(triton_server.grpc_url, scenario)
+    assert merges == [("embedding_service", 2)] and cancelled == [True]
+
+
+def test_coalescer_gives_every_caller_tritons_refusal_when_the_merged_call_fails(
+    stack: tuple[TritonServer, Path],
+) -> None:
+    triton_server, _ = stack
+
+    async def scenario(coalescer: Coalescer, triton: Triton, merges: list[tuple[str, int]]) -> Any:
+        return await asyncio.gather(*(
+            coalescer.infer("no_such_service", {"text": text_column([f"refused {i}"])}, EMBED_OUTPUTS, 5, max_rows=4)
+            for i in range(3)
+        ), return_exceptions=True)
+
+    outcomes = run_coalesced(triton_server.grpc_url, scenario)
+    assert len(outcomes) == 3
+    for outcome in outcomes:
+        assert isinstance(outcome, GatewayError) and "no_such_service" in str(outcome)
+
+
+def test_concurrent_embedding_requests_each_get_their_own_embedding_when_merged(
+    gateway: str, client: httpx.Client
+) -> None:
+    texts = [f"concurrent client {time.time_ns()} {i}" for i in range(12)]
+    alone = [client.post("/v1/embeddings", json={"model": "embedding_service", "input": text},
+                         headers={"cache-control": "no-cache"}).json()["data"][0]["embedding"] for text in texts]
+    merged_before = sample_value(metrics_text(f"{gateway}/metrics"), "sluice_gateway_triton_call_requests_sum",
+                                 service="embedding_service")
+
+    async def together() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=gateway, timeout=30) as http:
+            return await asyncio.gather(*(
+                http.post("/v1/embeddings", json={"model": "embedding_service", "input": text},
+                          headers={"cache-control": "no-cache"}) for text in texts))
+
+    responses = asyncio.run(together())
+    for response, solo in zip(responses, alone, strict=True):
+        assert response.status_code == 200, response.text
+        np.testing.assert_allclose(response.json()["data"][0]["embedding"], solo, atol=1e-5)
+    merged = sample_value(metrics_text(f"{gateway}/metrics"), "sluice_gateway_triton_call_requests_sum",
+                          service="embedding_service")
+    assert merged - merged_before == len(texts)  # every request went to Triton in some call, once
 
 
 # ---- the item cache -------------------------------------------------------------------------------------------------
