@@ -125,15 +125,33 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def triton_counts(metrics_url: str, service: str) -> tuple[float, float]:
-    """Triton's count of inferences (rows) and of model executions (batches) for ``service`` so far."""
+def metric_sums(metrics_url: str, names: tuple[str, ...], **labels: str) -> tuple[float, ...]:
+    """Each of ``names``' samples whose labels include ``labels``, summed, from a Prometheus endpoint."""
     with urllib.request.urlopen(metrics_url, timeout=5) as response:  # noqa: S310 - loopback URL
         text = response.read().decode()
-    counts = {"nv_inference_count": 0.0, "nv_inference_exec_count": 0.0}
+    sums = dict.fromkeys(names, 0.0)
     for family in text_string_to_metric_families(text):
-        if family.name in counts:
-            counts[family.name] += sum(s.value for s in family.samples if s.labels.get("model") == service)
-    return counts["nv_inference_count"], counts["nv_inference_exec_count"]
+        for sample in family.samples:
+            # The parser names a counter's samples <name>_total; ask for a counter by its family name.
+            name = family.name if family.type == "counter" else sample.name
+            if name in sums and all(sample.labels.get(k) == v for k, v in labels.items()):
+                sums[name] += sample.value
+    return tuple(sums[name] for name in names)
+
+
+def triton_counts(metrics_url: str, service: str) -> tuple[float, float]:
+    """Triton's count of inferences (rows) and of model executions (batches) for ``service`` so far."""
+    rows, executions = metric_sums(metrics_url, ("nv_inference_count", "nv_inference_exec_count"), model=service)
+    return rows, executions
+
+
+def gateway_calls(gateway_url: str, service: str) -> tuple[float, float]:
+    """The gateway's count of requests sent to Triton for ``service`` so far, and of the Triton calls they went
+    in (concurrent requests are merged: gateway/coalescing.py)."""
+    requests, calls = metric_sums(f"{gateway_url}/metrics", ("sluice_gateway_triton_call_requests_sum",
+                                                             "sluice_gateway_triton_call_requests_count"),
+                                  service=service)
+    return requests, calls
 
 
 @dataclass
@@ -148,9 +166,11 @@ class Phase:
     server_cpu_s: float = 0.0  # the HTTP server's (the gateway's or the bare forwarder's)
     rows: float = 0.0  # what Triton computed during the phase: rows, in this many executions
     executions: float = 0.0
+    gateway_requests: float = 0.0  # what the gateway sent to Triton: requests, in this many calls
+    gateway_calls: float = 0.0
 
     def add(self, run: tuple[float, list[float], int], requests: int, client_cpu_s: float,
-            server_cpu_s: float, batches: tuple[float, float]) -> None:
+            server_cpu_s: float, batches: tuple[float, float], calls: tuple[float, float] = (0.0, 0.0)) -> None:
         self.throughputs.append(run[0])
         self.latencies += run[1]
         self.refused += run[2]
@@ -159,6 +179,8 @@ class Phase:
         self.server_cpu_s += server_cpu_s
         self.rows += batches[0]
         self.executions += batches[1]
+        self.gateway_requests += calls[0]
+        self.gateway_calls += calls[1]
 
     def summary(self) -> dict[str, Any]:
         figures = {"texts_per_s": round(statistics.median(self.throughputs), 1),
@@ -167,6 +189,8 @@ class Phase:
                    "load_generator_cpu_ms_per_request": round(1000 * self.client_cpu_s / self.requests, 2)}
         if self.executions:
             figures["triton_mean_batch"] = round(self.rows / self.executions, 1)
+        if self.gateway_calls:
+            figures["gateway_requests_per_triton_call"] = round(self.gateway_requests / self.gateway_calls, 1)
         if self.server_cpu_s:
             figures["server_cpu_ms_per_request"] = round(1000 * self.server_cpu_s / self.requests, 2)
         return figures
@@ -205,11 +229,14 @@ async def measure_served(
                     client_before = cpu_seconds(os.getpid())
                     server_before = cpu_seconds(server_pid) if server_pid else 0.0
                     batches_before = triton_counts(server.metrics_url, service)
+                    calls_before = gateway_calls(gateway[0], service)
                     run = await closed_loop(clients, phase_texts, send)
                     server_cpu = cpu_seconds(server_pid) - server_before if server_pid else 0.0
                     batches = triton_counts(server.metrics_url, service)
+                    calls = gateway_calls(gateway[0], service)
                     phases[name].add(run, texts, cpu_seconds(os.getpid()) - client_before, server_cpu,
-                                     (batches[0] - batches_before[0], batches[1] - batches_before[1]))
+                                     (batches[0] - batches_before[0], batches[1] - batches_before[1]),
+                                     (calls[0] - calls_before[0], calls[1] - calls_before[1]))
     finally:
         await client.close()
     return phases
@@ -328,7 +355,7 @@ def main() -> None:
           f"bare forwarder {b['texts_per_s']} (mean batch {b['triton_mean_batch']}) = "
           f"{report['bare_forwarder_over_triton']} x Triton (rounds {report['bare_forwarder_over_triton_by_round']}) | "
           f"gateway misses {m['texts_per_s']} (p50 {m['p50_ms']}, p99 {m['p99_ms']} ms, mean batch "
-          f"{m['triton_mean_batch']}) = "
+          f"{m['triton_mean_batch']}, {m.get('gateway_requests_per_triton_call')} requests per Triton call) = "
           f"{report['gateway_over_triton']} x Triton (rounds {report['gateway_over_triton_by_round']}), "
           f"{report['gateway_over_bare_forwarder']} x bare forwarder | "
           f"gateway hits {h['texts_per_s']} (p50 {h['p50_ms']}, p99 {h['p99_ms']} ms) = "
