@@ -1,8 +1,9 @@
 """The least any Python HTTP-to-Triton hop costs: a reference for the gateway in `make bench`.
 
 One ASGI callable, served as `sluice gateway` is (``sluice.serve.serve_asgi``), that reads an OpenAI-shaped
-embeddings request and makes the same gRPC call as the gateway (``gateway.triton.Triton``), and nothing else: no
-validation, rate limit, cache, deadline, auth, metrics or disconnect watch. The benchmark measures it beside the
+embeddings request and makes the same gRPC call as the gateway (``gateway.triton.Triton``), one call per request,
+and nothing else: no validation, rate limit, cache, deadline, auth, metrics, disconnect watch, or merging of
+concurrent requests into one Triton call (gateway/coalescing.py). The benchmark measures it beside the
 gateway, so that the gateway's cost splits into what any hop costs on this machine (forwarder / Triton) and what the
 gateway's features add (gateway / forwarder).
 

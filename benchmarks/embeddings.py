@@ -7,7 +7,9 @@ onnxruntime on the same exported graph (all cores, batch 1 and batch 16: the cei
 a `sluice gateway` process on free loopback ports and measures, in each of several rounds: Triton over gRPC; the
 bare forwarder (benchmarks/bare_forwarder.py: the same HTTP server and gRPC call as the gateway, no features);
 the gateway over HTTP with every text new (cache misses); the gateway again with the same texts (cache hits). Each
-served measurement uses N concurrent clients, each sending one text per request and awaiting the answer.
+served measurement uses N concurrent clients, each sending one text per request and awaiting the answer. Besides
+throughput and latency it reports each HTTP server's CPU per request, Triton's mean batch per phase, and how many
+gateway requests each of the gateway's Triton calls carried (it merges concurrent ones).
 
 On shared 2-core machines throughput drifts by 10 % or more from minute to minute, so the phases are interleaved
 and ratios are taken within each round, then their median reported. Run it alone: anything else running skews
