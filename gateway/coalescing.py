@@ -104,17 +104,17 @@ class Coalescer:
 
     async def _send(self, key: _Key, callers: list[_Caller]) -> None:
         service, outputs, names = key
-        if len(callers) == 1:
-            inputs = callers[0].inputs
-        else:
-            inputs = {name: np.concatenate([caller.inputs[name] for caller in callers]) for name in names}
-        if self._on_call is not None:
-            self._on_call(service, len(callers))
         try:
+            if len(callers) == 1:
+                inputs = callers[0].inputs
+            else:
+                inputs = {name: np.concatenate([caller.inputs[name] for caller in callers]) for name in names}
+            if self._on_call is not None:
+                self._on_call(service, len(callers))
             tensors = await self._triton.infer(service, inputs, outputs, max(c.timeout for c in callers))
         except asyncio.CancelledError:
             raise  # every caller has left
-        except Exception as error:  # noqa: BLE001 - every caller gets Triton's refusal, whatever it is
+        except Exception as error:  # noqa: BLE001 - every caller gets the failure (Triton's refusal, mostly)
             for caller in callers:
                 if not caller.answer.done():
                     caller.answer.set_exception(error)
