@@ -355,12 +355,12 @@ def test_coalescer_answers_the_callers_that_stay_when_others_leave(stack: tuple[
         def infer(text: str) -> Awaitable[Any]:
             return coalescer.infer("embedding_service", {"text": text_column([text])}, EMBED_OUTPUTS, 5, max_rows=4)
 
-        # One caller leaves before the merged request is sent, one while it is in Triton.
         before, during, staying = (asyncio.ensure_future(infer(f"stay or go {i}")) for i in range(3))
-        before.cancel()
+        await asyncio.sleep(0)  # all three wait for this loop turn's merged request
+        before.cancel()  # leaves before it is sent
+        await asyncio.sleep(0)  # sent
         await asyncio.sleep(0)
-        await asyncio.sleep(0)
-        during.cancel()
+        during.cancel()  # leaves while it is in Triton
         answer = await staying
         return merges, answer, before.cancelled() and during.cancelled()
 
