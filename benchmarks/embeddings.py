@@ -172,7 +172,7 @@ class Phase:
     gateway_calls: float = 0.0
 
     def add(self, run: tuple[float, list[float], int], requests: int, client_cpu_s: float,
-            server_cpu_s: float, batches: tuple[float, float], calls: tuple[float, float] = (0.0, 0.0)) -> None:
+            server_cpu_s: float, batches: tuple[float, float], calls: tuple[float, float]) -> None:
         self.throughputs.append(run[0])
         self.latencies += run[1]
         self.refused += run[2]

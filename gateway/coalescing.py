@@ -23,8 +23,8 @@ import numpy.typing as npt
 
 from .triton import Tensors, Triton
 
-# service, outputs, input names: what requests must share to be sent as one.
-_Key = tuple[str, tuple[str, ...], tuple[str, ...]]
+# service, outputs, input names, rows a request may carry: what requests must share to be sent as one.
+_Key = tuple[str, tuple[str, ...], tuple[str, ...], int]
 
 
 class _Call:
@@ -67,12 +67,12 @@ class Coalescer:
     ) -> Tensors:
         """The outputs of ``inputs``' rows (every input has the same rows, at most ``max_rows``)."""
         loop = asyncio.get_running_loop()
-        key = (service, tuple(outputs), tuple(inputs))
+        key = (service, tuple(outputs), tuple(inputs), max_rows)
         caller = _Caller(inputs, timeout, loop.create_future())
         pending = self._pending.get(key)
         if pending is None:
             pending = self._pending[key] = []
-            loop.call_soon(self._dispatch, key, max_rows)
+            loop.call_soon(self._dispatch, key)
         pending.append(caller)
         try:
             return await caller.answer
@@ -84,8 +84,9 @@ class Coalescer:
                     call.task.cancel()  # nobody wants the answer: stop the work at Triton
             raise
 
-    def _dispatch(self, key: _Key, max_rows: int) -> None:
-        """Send this loop turn's callers for ``key``, as few requests of at most ``max_rows`` rows each."""
+    def _dispatch(self, key: _Key) -> None:
+        """Send this loop turn's callers for ``key``, as few requests of at most ``key``'s rows each."""
+        max_rows = key[3]
         callers = [caller for caller in self._pending.pop(key) if not caller.answer.done()]
         start = 0
         while start < len(callers):
@@ -103,7 +104,7 @@ class Coalescer:
         call.task = asyncio.get_running_loop().create_task(self._send(key, callers))
 
     async def _send(self, key: _Key, callers: list[_Caller]) -> None:
-        service, outputs, names = key
+        service, outputs, names, _ = key
         try:
             if len(callers) == 1:
                 inputs = callers[0].inputs
