@@ -46,6 +46,7 @@ from tritonclient.utils import InferenceServerException
 
 from benchmarks.texts import benchmark_texts
 from compiler.pipeline import compile_repository
+from compiler.schema import Server
 from runtimes.encoders import OnnxEncoder, open_session
 from sluice.triton_server import TritonServer, TritonSettings, free_ports
 
@@ -311,8 +312,8 @@ def main() -> None:
         ceiling = {f"batch_{b}": round(in_process(encoder, texts, b), 1) for b in (1, 16)}
         del encoder
         http_port, grpc_port, metrics_port = free_ports(3)
-        settings = TritonSettings(repository, root / "work", http_port=http_port, grpc_port=grpc_port,
-                                  metrics_port=metrics_port)
+        settings = TritonSettings(repository, root / "work", Server(http_port=http_port, grpc_port=grpc_port,
+                                                                          metrics_port=metrics_port))
         with (TritonServer(settings) as server, gateway_process(repository, server.grpc_url) as gateway,
               bare_forwarder_process(server.grpc_url) as forwarder):
             phases = uvloop.run(

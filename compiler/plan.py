@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runtimes.signatures import SIGNATURES, Tensor
+from sluice.manifest import Route
 
 from .defaults import RUNTIME_KNOBS, ResolvedRuntime
 from .schema import AnyModel, Config, LLMModel
@@ -63,29 +64,13 @@ class TritonModelPlan:
 
 
 @dataclass(frozen=True)
-class GatewayRoute:
-    """What the gateway enforces for one service (Triton cannot)."""
-
-    service: str
-    model: str
-    type: str
-    batch_size: int  # the largest request Triton accepts: bigger client batches are split
-    rate_limit: float
-    total_timeout: float
-    inference_timeout: float
-    queue_timeout: float
-    enable_cache: bool
-    max_length: int
-
-
-@dataclass(frozen=True)
 class ServicePlan:
     name: str
     model_key: str
     model: AnyModel
     runtime: ResolvedRuntime
     triton: TritonModelPlan
-    gateway: GatewayRoute
+    gateway: Route  # sluice.json's entry for the service (its fingerprint is added at compile)
 
 
 @dataclass(frozen=True)
@@ -133,7 +118,7 @@ def plan_service(name: str, config: Config, runtime: ResolvedRuntime) -> Service
         warmup_inputs=() if decoupled else inputs,
         parameters=_parameters(model, runtime),
     )
-    gateway = GatewayRoute(
+    gateway = Route(
         service=name,
         model=model_key,
         type=model.type,
@@ -144,6 +129,7 @@ def plan_service(name: str, config: Config, runtime: ResolvedRuntime) -> Service
         queue_timeout=runtime.queue_timeout,
         enable_cache=runtime.enable_cache,
         max_length=model.max_length,
+        fingerprint="",
     )
     return ServicePlan(name, model_key, model, runtime, triton, gateway)
 

@@ -7,7 +7,6 @@ websocket) straight through. None of them buffers a response, so streaming (``te
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import re
 from collections.abc import Iterable
@@ -15,6 +14,7 @@ from collections.abc import Iterable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import GatewayError, PayloadTooLarge, Unauthorized, envelope_bytes
+from sluice.manifest import api_key_digest  # BearerAuth compares these digests
 
 __all__ = ["WATCHER_TASK_NAME", "WATCH_AFTER_S", "BearerAuth", "BodySizeLimit", "CancelOnDisconnect", "api_key_digest"]
 
@@ -118,11 +118,6 @@ class BodySizeLimit:
                 await _send_error(send, self._error())
 
 
-def api_key_digest(key: str) -> str:
-    """The sha256 hex digest that ``BearerAuth`` expects for ``key`` (configure digests, never the keys)."""
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
 class BearerAuth:
     """Require ``Authorization: Bearer <key>`` on every HTTP request outside ``exempt_paths``.
 
@@ -161,7 +156,7 @@ class BearerAuth:
                 ),
             )
             return
-        presented = hashlib.sha256(key).hexdigest()
+        presented = api_key_digest(key)
         matched: str | None = None
         for digest in self._digests:  # every digest, so the time taken does not tell which one matched
             if hmac.compare_digest(presented, digest):

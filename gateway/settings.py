@@ -1,4 +1,4 @@
-"""What the gateway serves and enforces, read from the compiled repository's sluice.json.
+"""What the gateway serves and enforces, read from the compiled repository's sluice.json (sluice/manifest.py).
 
 The manifest is the deployable unit; a few things may come from the environment instead, so that secrets and
 addresses stay out of it: ``SLUICE_API_KEYS`` (comma-separated keys, added to the manifest's digests),
@@ -7,50 +7,33 @@ addresses stay out of it: ``SLUICE_API_KEYS`` (comma-separated keys, added to th
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from sluice.errors import SluiceError
+from sluice.manifest import MANIFEST_NAME, Manifest, Route, api_key_digest, parse_manifest
 
 from .errors import NotFound
 
-MANIFEST_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Route:
-    """One service as the gateway sees it (compiler/plan.py GatewayRoute, plus the model's fingerprint)."""
-
-    service: str
-    model: str
-    type: str  # embedding | reranker | llm
-    batch_size: int
-    rate_limit: float
-    total_timeout: float
-    inference_timeout: float
-    queue_timeout: float
-    enable_cache: bool
-    max_length: int
-    fingerprint: str
+__all__ = ["GatewaySettings", "Route"]
 
 
 @dataclass(frozen=True)
 class GatewaySettings:
+    """The manifest's values, with the environment's and the command line's applied."""
+
     routes: dict[str, Route]
     triton_grpc: str
-    host: str = "127.0.0.1"
-    port: int = 8080
-    key_digests: frozenset[str] = frozenset()
-    key_rate_limit: float | None = None
-    redis_url: str | None = None
-    cache_max_items: int = 100_000
-    max_request_bytes: int = 4 * 1024 * 1024
-    max_items: int = 2048
+    host: str
+    port: int
+    key_digests: frozenset[str]
+    key_rate_limit: float | None
+    redis_url: str | None
+    cache_max_items: int
+    max_request_bytes: int
+    max_items: int
 
     @classmethod
     def from_repository(
@@ -63,29 +46,22 @@ class GatewaySettings:
         environ: Mapping[str, str] | None = None,
     ) -> GatewaySettings:
         """Settings from ``<repository>/sluice.json``, the environment, then the arguments given."""
-        manifest = _read_manifest(repository / "sluice.json")
+        manifest = _read_manifest(repository / MANIFEST_NAME)
         env = os.environ if environ is None else environ
-        gateway, server = manifest["gateway"], manifest["server"]
-        route_fields = {f.name for f in fields(Route)}
-        routes = {
-            name: Route(**{key: value for key, value in route.items() if key in route_fields})
-            for name, route in manifest["services"].items()
-        }
+        options = manifest.gateway
         keys = [key.strip() for key in env.get("SLUICE_API_KEYS", "").split(",") if key.strip()]
-        digests = frozenset(gateway.get("api_key_sha256", [])) | {hashlib.sha256(k.encode()).hexdigest() for k in keys}
-        values: dict[str, Any] = {
-            "routes": routes,
-            "triton_grpc": triton_grpc or f"{_client_host(server['host'])}:{server['grpc_port']}",
-            "host": host or gateway["host"],
-            "port": port or gateway["port"],
-            "key_digests": digests,
-            "key_rate_limit": gateway.get("key_rate_limit"),
-            "redis_url": env.get("SLUICE_REDIS_URL") or gateway.get("redis_url"),
-            "cache_max_items": gateway["cache_max_items"],
-            "max_request_bytes": gateway["max_request_bytes"],
-            "max_items": gateway["max_items"],
-        }
-        return cls(**values)
+        return cls(
+            routes=dict(manifest.services),
+            triton_grpc=triton_grpc or manifest.triton_grpc,
+            host=host or options.host,
+            port=port or options.port,
+            key_digests=frozenset(options.api_key_sha256) | {api_key_digest(key) for key in keys},
+            key_rate_limit=options.key_rate_limit,
+            redis_url=env.get("SLUICE_REDIS_URL") or options.redis_url,
+            cache_max_items=options.cache_max_items,
+            max_request_bytes=options.max_request_bytes,
+            max_items=options.max_items,
+        )
 
     def resolve(self, model: str, kinds: tuple[str, ...]) -> Route:
         """The route a request's ``model`` names: a service name, or a model key that one service serves."""
@@ -106,18 +82,11 @@ class GatewaySettings:
         raise NotFound(f"model {model!r} does not exist here; choose one of: {choices}", param="model")
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
+def _read_manifest(path: Path) -> Manifest:
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SluiceError(f"{path} not found: run `sluice compile` first") from None
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         raise SluiceError(f"{path}: unreadable: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
-        raise SluiceError(f"{path}: not a sluice manifest of version {MANIFEST_VERSION}; compile again")
-    return manifest
-
-
-def _client_host(host: str) -> str:
-    # A server bound to every address is reached on loopback from this machine.
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104
+    return parse_manifest(text, str(path))

@@ -34,17 +34,7 @@ class Serving:
 
 
 def triton_settings(compiled: Compiled, repository: Path, workdir: Path) -> TritonSettings:
-    server = compiled.plan.config.server
-    return TritonSettings(
-        model_repository=repository.resolve(),
-        workdir=workdir.resolve(),
-        host=server.host,
-        http_port=server.http_port,
-        grpc_port=server.grpc_port,
-        metrics_port=server.metrics_port,
-        response_cache_bytes=server.response_cache_bytes,
-        log_verbose=server.log_verbose,
-    )
+    return TritonSettings(repository.resolve(), workdir.resolve(), compiled.plan.config.server)
 
 
 @contextmanager

@@ -31,13 +31,15 @@ import sysconfig
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
+from compiler.schema import Server
 from sluice.errors import SluiceError
+from sluice.manifest import client_host
 
 STUB_NAME = "triton_python_backend_stub"
 LOG_NAME = "tritonserver.log"
@@ -55,19 +57,15 @@ class TritonSettings:
     """How to run one tritonserver on one model repository.
 
     ``workdir`` holds what Sluice prepares for the server (the backend directory, the log), e.g.
-    ``.sluice/triton/``. Addresses bind loopback unless told otherwise: Triton itself defaults to 0.0.0.0,
-    and the gateway, not Triton, is the public front door.
+    ``.sluice/triton/``. Addresses bind loopback unless told otherwise (``Server``'s default): Triton itself
+    defaults to 0.0.0.0, and the gateway, not Triton, is the public front door. A response cache of 0 bytes
+    leaves ``--cache-config`` out, so no model can enable the cache.
     """
 
     model_repository: Path
     workdir: Path
-    host: str = "127.0.0.1"
-    http_port: int = 8000
-    grpc_port: int = 8001
-    metrics_port: int = 8002
-    # Size of Triton's local response cache; 0 leaves --cache-config out, so no model can enable the cache.
-    response_cache_bytes: int = 256 * 1024 * 1024
-    log_verbose: int = 0
+    # Addresses, ports, response cache size and log level: the config's own `server:` section.
+    server: Server = field(default_factory=Server)
     # How long Triton, once told to stop, waits for in-flight requests and for open HTTP connections. One idle
     # keep-alive connection (a pooled client) holds shutdown for this long: measured 30.6 s at Triton's default.
     exit_timeout_secs: int = 5
@@ -168,6 +166,7 @@ def _prepend_paths(current: str, first: list[str]) -> str:
 
 def triton_command(settings: TritonSettings, install: TritonInstall, backend_dir: Path) -> list[str]:
     """The tritonserver command line; ``backend_dir`` is what :func:`prepare_backend_dir` returned."""
+    server = settings.server
     command = [
         str(install.binary),
         f"--model-repository={settings.model_repository.resolve()}",
@@ -177,19 +176,19 @@ def triton_command(settings: TritonSettings, install: TritonInstall, backend_dir
         "--model-control-mode=none",
         "--exit-on-error=false",
         "--strict-readiness=true",
-        f"--http-address={settings.host}",
-        f"--http-port={settings.http_port}",
-        f"--grpc-address={settings.host}",
-        f"--grpc-port={settings.grpc_port}",
-        f"--metrics-address={settings.host}",
-        f"--metrics-port={settings.metrics_port}",
-        f"--log-verbose={settings.log_verbose}",
+        f"--http-address={server.host}",
+        f"--http-port={server.http_port}",
+        f"--grpc-address={server.host}",
+        f"--grpc-port={server.grpc_port}",
+        f"--metrics-address={server.host}",
+        f"--metrics-port={server.metrics_port}",
+        f"--log-verbose={server.log_verbose}",
         f"--exit-timeout-secs={settings.exit_timeout_secs}",
     ]
-    if settings.response_cache_bytes > 0:
+    if server.response_cache_bytes > 0:
         command += [
             f"--cache-directory={install.caches_dir}",
-            f"--cache-config=local,size={settings.response_cache_bytes}",
+            f"--cache-config=local,size={server.response_cache_bytes}",
         ]
     return command
 
@@ -241,7 +240,7 @@ class TritonServer:
     @property
     def http_address(self) -> str:
         """``host:port`` of the HTTP endpoint, the form ``tritonclient.http`` wants (no scheme)."""
-        return f"{_client_host(self.settings.host)}:{self.settings.http_port}"
+        return f"{client_host(self.settings.server.host)}:{self.settings.server.http_port}"
 
     @property
     def http_url(self) -> str:
@@ -251,12 +250,13 @@ class TritonServer:
     @property
     def grpc_url(self) -> str:
         """``host:port`` of the gRPC endpoint; gRPC targets carry no scheme."""
-        return f"{_client_host(self.settings.host)}:{self.settings.grpc_port}"
+        return f"{client_host(self.settings.server.host)}:{self.settings.server.grpc_port}"
 
     @property
     def metrics_url(self) -> str:
         """The Prometheus metrics URL, e.g. ``http://127.0.0.1:8002/metrics``."""
-        return f"http://{_client_host(self.settings.host)}:{self.settings.metrics_port}/metrics"
+        server = self.settings.server
+        return f"http://{client_host(server.host)}:{server.metrics_port}/metrics"
 
     def __enter__(self) -> Self:
         self.start()
@@ -443,15 +443,6 @@ def _unquote(message: str) -> str:
 
 def _indent(text: str, spaces: int = 2) -> str:
     return "\n".join(" " * spaces + line for line in text.splitlines())
-
-
-def _client_host(host: str) -> str:
-    # A wildcard bind address is not something to connect to.
-    if host in ("", "0.0.0.0"):  # noqa: S104 (a comparison, not a bind)
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
 
 
 def _proc_stat(pid: str) -> tuple[str, int] | None:

@@ -24,6 +24,7 @@ import uvicorn
 
 from benchmarks.bare_forwarder import forwarder
 from compiler.pipeline import compile_repository
+from compiler.schema import Server
 from gateway.app import create_app
 from gateway.coalescing import Coalescer
 from gateway.errors import GatewayError
@@ -112,8 +113,8 @@ def stack(
     repository = root / "model_repository"
     compile_repository(write_yaml(root, gateway_config(demo_models)), repository, cache_root=export_cache)
     http_port, grpc_port, metrics_port = free_ports(3)
-    settings = TritonSettings(repository, root / "work", http_port=http_port, grpc_port=grpc_port,
-                              metrics_port=metrics_port)
+    settings = TritonSettings(repository, root / "work",
+                              Server(http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port))
     with TritonServer(settings, startup_timeout=240) as server:
         yield server, repository
 

@@ -98,14 +98,15 @@ def test_serve_uses_a_running_triton_when_given_its_url(
     tmp_path: Path, demo_models: dict[str, Path], export_cache: Path
 ) -> None:
     from compiler.pipeline import compile_repository
+    from compiler.schema import Server
     from sluice.triton_server import TritonServer, TritonSettings
 
     config = serve_config(tmp_path, demo_models["tiny-llm"])
     repository = tmp_path / "repo"
     compile_repository(config, repository, cache_root=export_cache)
     http_port, grpc_port, metrics_port = free_ports(3)
-    settings = TritonSettings(repository, tmp_path / "work", http_port=http_port, grpc_port=grpc_port,
-                              metrics_port=metrics_port)
+    settings = TritonSettings(repository, tmp_path / "work",
+                              Server(http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port))
     with TritonServer(settings) as server:
         process = run_serve(config, export_cache, "--triton-url", server.http_url)
         assert process.stdout is not None

@@ -21,6 +21,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from compiler.pipeline import compile_repository
+from compiler.schema import Server
 from sluice.triton_server import TritonServer, TritonSettings, free_ports
 from tests.helpers import metrics_text, sample_value, write_yaml
 
@@ -73,11 +74,7 @@ def triton(
     compile_repository(write_yaml(root, stack_config(demo_models)), repository, cache_root=export_cache)
     http_port, grpc_port, metrics_port = free_ports(3)
     settings = TritonSettings(
-        model_repository=repository,
-        workdir=root / "work",
-        http_port=http_port,
-        grpc_port=grpc_port,
-        metrics_port=metrics_port,
+        repository, root / "work", Server(http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
     )
     with TritonServer(settings, startup_timeout=240) as server:
         yield server

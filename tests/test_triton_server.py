@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from compiler.schema import Server
 from sluice.errors import SluiceError
 from sluice.triton_server import (
     TritonServer,
@@ -36,20 +37,13 @@ class TritonPythonModel:
 """
 
 
-def _settings(tmp_path: Path, **overrides: object) -> TritonSettings:
+def _settings(tmp_path: Path, exit_timeout_secs: int = 5) -> TritonSettings:
     # A copy of the fixture repository: the stub writes __pycache__ next to model.py, and tests add models.
     repository = tmp_path / "repository"
     shutil.copytree(ECHO_REPOSITORY, repository)
     http_port, grpc_port, metrics_port = free_ports(3)
-    values: dict[str, object] = {
-        "model_repository": repository,
-        "workdir": tmp_path / "work",
-        "http_port": http_port,
-        "grpc_port": grpc_port,
-        "metrics_port": metrics_port,
-        **overrides,
-    }
-    return TritonSettings(**values)  # type: ignore[arg-type]
+    server = Server(http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
+    return TritonSettings(repository, tmp_path / "work", server, exit_timeout_secs)
 
 
 def _group_alive(pgid: int) -> list[int]:
@@ -90,7 +84,7 @@ def test_triton_command_binds_loopback_when_host_left_default(tmp_path: Path) ->
 
 
 def test_triton_command_leaves_cache_out_when_cache_size_is_zero(tmp_path: Path) -> None:
-    settings = TritonSettings(model_repository=tmp_path, workdir=tmp_path, response_cache_bytes=0)
+    settings = TritonSettings(tmp_path, tmp_path, Server(response_cache_bytes=0))
     command = triton_command(settings, find_tritonserver(), tmp_path / "backends")
 
     assert not [arg for arg in command if arg.startswith("--cache")]
@@ -124,11 +118,18 @@ def test_triton_env_puts_this_python_first_when_built() -> None:
 
 
 def test_triton_server_urls_name_loopback_when_bound_to_all_addresses(tmp_path: Path) -> None:
-    server = TritonServer(TritonSettings(model_repository=tmp_path, workdir=tmp_path, host="0.0.0.0"))
+    server = TritonServer(TritonSettings(tmp_path, tmp_path, Server(host="0.0.0.0")))
 
     assert server.http_url == "http://127.0.0.1:8000"
     assert server.grpc_url == "127.0.0.1:8001"
     assert server.metrics_url == "http://127.0.0.1:8002/metrics"
+
+
+def test_triton_server_urls_bracket_the_address_when_bound_to_ipv6_loopback(tmp_path: Path) -> None:
+    server = TritonServer(TritonSettings(tmp_path, tmp_path, Server(host="::1")))
+
+    assert server.http_url == "http://[::1]:8000"
+    assert server.grpc_url == "[::1]:8001"
 
 
 @pytest.mark.integration
@@ -189,7 +190,7 @@ def test_triton_server_stop_returns_within_exit_timeout_when_keepalive_connectio
     server = TritonServer(_settings(tmp_path, exit_timeout_secs=1))
     server.start()
     server.wait_until_ready(60)
-    idle = http.client.HTTPConnection("127.0.0.1", server.settings.http_port)
+    idle = http.client.HTTPConnection("127.0.0.1", server.settings.server.http_port)
     idle.request("GET", "/v2/health/live")
     idle.getresponse().read()
 
@@ -234,7 +235,7 @@ def test_wait_until_ready_quotes_log_when_config_cannot_be_parsed(tmp_path: Path
 def test_wait_until_ready_quotes_exit_reason_when_port_is_taken(tmp_path: Path) -> None:
     settings = _settings(tmp_path)
     with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", settings.http_port))
+        squatter.bind(("127.0.0.1", settings.server.http_port))
         squatter.listen()
 
         with pytest.raises(SluiceError, match=r"(?s)exited with code 1.*already in use"):
