@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from runtimes.parameters import RuntimeParameters
 from runtimes.signatures import SIGNATURES, Tensor
 from sluice.manifest import Route
 
@@ -143,20 +144,17 @@ def _instance_group(device: str, count: int) -> InstanceGroup:
 
 
 def _parameters(model: AnyModel, runtime: ResolvedRuntime) -> dict[str, str]:
-    parameters = {
-        "service_type": model.type,
-        "artifacts_dir": ARTIFACTS_DIR,
-        "max_length": str(model.max_length),
-        "inference_timeout_s": f"{runtime.inference_timeout:g}",
-        # For direct Triton clients: the per-request `timeout` (microseconds) the gateway's queue_timeout means.
-        "queue_timeout_us": str(microseconds(runtime.queue_timeout)),
-        "worker_count": str(runtime.worker_count),
+    """config.pbtxt ``parameters``: the runtime's settings, spelled by the contract both sides import."""
+    return RuntimeParameters(
+        artifacts_dir=ARTIFACTS_DIR,
+        max_length=model.max_length,
+        inference_timeout_s=runtime.inference_timeout,
+        queue_timeout_us=microseconds(runtime.queue_timeout),
+        worker_count=runtime.worker_count,
         # 0: the runtime derives its threads from the cores it finds and worker_count.
-        "intra_op_threads": "0",
-    }
-    if isinstance(model, LLMModel):
-        parameters["default_max_tokens"] = str(model.max_tokens)
-    return dict(sorted(parameters.items()))
+        intra_op_threads=0,
+        default_max_tokens=model.max_tokens if isinstance(model, LLMModel) else None,
+    ).to_config()
 
 
 def enforcement(plan: ServicePlan) -> list[Enforcement]:

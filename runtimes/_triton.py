@@ -6,7 +6,8 @@ Imports ``triton_python_backend_utils``, which exists only inside Triton's Pytho
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -14,26 +15,34 @@ import numpy as np
 import numpy.typing as npt
 import triton_python_backend_utils as pb_utils
 
+from runtimes.parameters import RuntimeParameters
+
 if TYPE_CHECKING:  # onnxruntime stays out of the LLM model's process
     from runtimes.encoders import Encoded, OnnxEncoder
 
 Row = TypeVar("Row")
 
 
-def model_parameters(args: dict[str, str]) -> dict[str, str]:
-    """config.pbtxt ``parameters`` (string values, written by the compiler)."""
-    config = json.loads(args["model_config"])
-    return {name: entry.get("string_value", "") for name, entry in config.get("parameters", {}).items()}
+def model_parameters(args: Mapping[str, str], *, llm: bool = False) -> RuntimeParameters:
+    """config.pbtxt ``parameters``, parsed strictly (runtimes/parameters.py)."""
+    return RuntimeParameters.from_model_config(json.loads(args["model_config"]), llm=llm)
 
 
-def version_dir(args: dict[str, str]) -> Path:
+def version_dir(args: Mapping[str, str]) -> Path:
     """``<repository>/<model>/<version>``: where model.py, runtimes/ and artifacts/ live."""
     return Path(args["model_repository"]) / args["model_version"]
 
 
-def gpu_device_id(args: dict[str, str]) -> int | None:
+def gpu_device_id(args: Mapping[str, str]) -> int | None:
     """The GPU this instance was placed on by instance_group, or None on CPU."""
     return int(args["model_instance_device_id"]) if args.get("model_instance_kind") == "GPU" else None
+
+
+def _text(value: Any, name: str) -> str:
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"input {name!r} is not valid UTF-8") from None
 
 
 def request_strings(request: Any, name: str) -> list[str]:
@@ -41,14 +50,29 @@ def request_strings(request: Any, name: str) -> list[str]:
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
         raise ValueError(f"input {name!r} is required")
-    try:
-        return [bytes(value).decode("utf-8") for value in tensor.as_numpy().reshape(-1)]
-    except UnicodeDecodeError:
-        raise ValueError(f"input {name!r} is not valid UTF-8") from None
+    return [_text(value, name) for value in tensor.as_numpy().reshape(-1)]
 
 
-def error_response(message: str) -> Any:
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+def request_value(request: Any, name: str) -> Any:
+    """The single element of an optional input ([1, 1]: batch row + dim) as a Python value, or None when absent;
+    ValueError naming the input when it holds several values or text that is not UTF-8."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    array = tensor.as_numpy()
+    if array.size != 1:
+        raise ValueError(f"input {name!r} must hold one value per request, got shape {list(array.shape)}")
+    value = array.reshape(-1)[0]
+    if isinstance(value, bytes | np.bytes_):
+        return _text(value, name)
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def error_response(message: str, *, internal: bool = False) -> Any:
+    """A response carrying only an error. The default, INVALID_ARG, is the client's fault (Triton's HTTP API
+    answers 400); ``internal`` is the server's (500)."""
+    code = pb_utils.TritonError.INTERNAL if internal else pb_utils.TritonError.INVALID_ARG
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
 
 
 def column(values: npt.ArrayLike, dtype: Any) -> npt.NDArray[Any]:
@@ -94,12 +118,11 @@ def encoder_responses(
     return responses
 
 
-def load_encoder(args: dict[str, str]) -> OnnxEncoder:
+def load_encoder(args: Mapping[str, str]) -> OnnxEncoder:
     """The ONNX encoder of an embedding or reranker instance, placed and threaded as its config says."""
-    from runtimes.encoders import OnnxEncoder, open_session, session_threads
+    from runtimes.encoders import OnnxEncoder, open_session
 
     parameters = model_parameters(args)
-    artifacts = version_dir(args) / parameters["artifacts_dir"]
-    threads = session_threads(int(parameters["intra_op_threads"]), int(parameters["worker_count"]))
-    session = open_session(artifacts / "model.onnx", threads, gpu_device_id(args))
-    return OnnxEncoder(artifacts, int(parameters["max_length"]), session)
+    artifacts = version_dir(args) / parameters.artifacts_dir
+    session = open_session(artifacts / "model.onnx", parameters.threads(os.cpu_count()), gpu_device_id(args))
+    return OnnxEncoder(artifacts, parameters.max_length, session)

@@ -7,7 +7,6 @@ takes it); output ``embedding`` [batch, dim] (pooled and normalised in the graph
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,15 +30,9 @@ class Encoded:
     truncated: npt.NDArray[np.bool_]  # [rows]: the input was longer than max_length
 
 
-def session_threads(configured: int, worker_count: int, cpu_count: int | None = None) -> int:
-    """Intra-op threads per instance: the configured number, else the cores split between the instances."""
-    if configured > 0:
-        return configured
-    return max(1, (cpu_count or os.cpu_count() or 1) // max(1, worker_count))
-
-
 def open_session(model_path: Path, threads: int, device_id: int | None = None) -> ort.InferenceSession:
-    """An onnxruntime session tuned for sharing few cores with Triton's Python backend."""
+    """An onnxruntime session tuned for sharing few cores with Triton's Python backend; ``threads``: intra-op
+    threads, from ``RuntimeParameters.threads`` (runtimes/parameters.py) inside Triton."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

@@ -11,77 +11,17 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from runtimes._triton import error_response, gpu_device_id, model_parameters, request_value, version_dir
 from runtimes.llm import BatchGenerator, GenerationEvent, GenerationRequest, load_generator
-
-_T = TypeVar("_T")
-
-
-@dataclass(frozen=True)
-class LlmSettings:
-    """The model's config.pbtxt ``parameters``, all written by the compiler as string values."""
-
-    artifacts_dir: str  # relative to the version directory: the HF model and tokenizer
-    max_length: int
-    default_max_tokens: int
-    inference_timeout_s: float  # 0: no deadline
-    intra_op_threads: int  # 0: cpu_count // worker_count
-    worker_count: int  # model instances sharing this machine's cores
-
-    @classmethod
-    def from_model_config(cls, model_config: Mapping[str, Any]) -> LlmSettings:
-        raw = {name: entry.get("string_value", "") for name, entry in model_config.get("parameters", {}).items()}
-        return cls(
-            artifacts_dir=_parameter(raw, "artifacts_dir", str),
-            max_length=_parameter(raw, "max_length", int),
-            default_max_tokens=_parameter(raw, "default_max_tokens", int),
-            inference_timeout_s=_parameter(raw, "inference_timeout_s", float),
-            intra_op_threads=_parameter(raw, "intra_op_threads", int),
-            worker_count=_parameter(raw, "worker_count", int),
-        )
-
-    def threads(self, cpu_count: int | None) -> int:
-        """Intra-op threads per instance: the configured number, else the cores split between the instances
-        (each instance is its own process; more threads than cores makes them fight)."""
-        if self.intra_op_threads > 0:
-            return self.intra_op_threads
-        return max(1, (cpu_count or 1) // max(1, self.worker_count))
-
-
-def _parameter(raw: Mapping[str, str], name: str, kind: Callable[[str], _T]) -> _T:
-    if name not in raw:
-        raise ValueError(f"config.pbtxt parameters: {name!r} is missing")
-    try:
-        return kind(raw[name])
-    except ValueError as exc:
-        raise ValueError(f"config.pbtxt parameters: {name!r} = {raw[name]!r} is not a valid {kind.__name__}") from exc
-
-
-def _input_value(request: Any, name: str) -> Any:
-    """The single element of an optional input tensor ([1, 1]: batch row + dim), or None when absent."""
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
-        return None
-    array = tensor.as_numpy()
-    if array.size != 1:
-        raise ValueError(f"input {name!r} must hold one value per request, got shape {list(array.shape)}")
-    value = array.reshape(-1)[0]
-    if isinstance(value, bytes | np.bytes_):
-        try:
-            return bytes(value).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"input {name!r} is not valid UTF-8") from exc
-    return value.item() if isinstance(value, np.generic) else value
 
 
 def _json_list(request: Any, name: str) -> list[Any] | None:
-    text = _input_value(request, name)
+    text = request_value(request, name)
     if text is None:
         return None
     try:
@@ -95,10 +35,10 @@ def _json_list(request: Any, name: str) -> list[Any] | None:
 
 def parse_request(request: Any, is_cancelled: Callable[[], bool]) -> GenerationRequest:
     """Reads one Triton request's inputs; a ValueError names the input that is wrong."""
-    optional = {name: _input_value(request, name) for name in ("max_tokens", "temperature", "top_p", "seed")}
+    optional = {name: request_value(request, name) for name in ("max_tokens", "temperature", "top_p", "seed")}
     present = {name: value for name, value in optional.items() if value is not None}
     return GenerationRequest(
-        text_input=_input_value(request, "text_input"),
+        text_input=request_value(request, "text_input"),
         messages=_json_list(request, "messages"),
         stop=tuple(_json_list(request, "stop") or ()),
         is_cancelled=is_cancelled,
@@ -124,10 +64,6 @@ def event_response(event: GenerationEvent) -> Any:
     )
 
 
-def error_response(message: str) -> Any:
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG))
-
-
 class _Client:
     """One request's response stream. A send that fails (the client went away) marks the stream cancelled,
     so the decode loop drops that row at its next step instead of failing the whole batch."""
@@ -149,13 +85,6 @@ class _Client:
         except Exception as exc:  # noqa: BLE001
             self._broken = True
             pb_utils.Logger.log_warn(f"llm: could not send a response, dropping the request: {exc}")
-
-
-def torch_device(args: Mapping[str, str]) -> str:
-    """The device instance_group placed this instance on: "cuda:<id>" for KIND_GPU, else "cpu"."""
-    if args.get("model_instance_kind") == "GPU":
-        return f"cuda:{args['model_instance_device_id']}"
-    return "cpu"
 
 
 FINISH_REASONS = ("stop", "length", "cancelled", "timeout", "error")
@@ -193,21 +122,21 @@ class TritonPythonModel:
     """Triton's entry points: load once, then generate each execute() batch in one decode loop."""
 
     def initialize(self, args: Mapping[str, str]) -> None:
-        settings = LlmSettings.from_model_config(json.loads(args["model_config"]))
-        version_dir = Path(args["model_repository"]) / args["model_version"]
-        threads = settings.threads(os.cpu_count())
+        parameters = model_parameters(args, llm=True)
+        assert parameters.default_max_tokens is not None  # required by llm=True
+        device_id = gpu_device_id(args)
+        device = "cpu" if device_id is None else f"cuda:{device_id}"
+        threads = parameters.threads(os.cpu_count())
         self._generator: BatchGenerator | None = load_generator(
-            version_dir / settings.artifacts_dir,
+            version_dir(args) / parameters.artifacts_dir,
             threads=threads,
-            device=torch_device(args),
-            max_length=settings.max_length,
-            default_max_tokens=settings.default_max_tokens,
-            timeout_s=settings.inference_timeout_s,
+            device=device,
+            max_length=parameters.max_length,
+            default_max_tokens=parameters.default_max_tokens,
+            timeout_s=parameters.inference_timeout_s,
         )
         self._metrics = _Metrics(args["model_name"])
-        pb_utils.Logger.log_info(
-            f"llm: loaded {settings.artifacts_dir} on {torch_device(args)} with {threads} intra-op threads"
-        )
+        pb_utils.Logger.log_info(f"llm: loaded {parameters.artifacts_dir} on {device} with {threads} intra-op threads")
 
     def execute(self, requests: Sequence[Any]) -> None:
         """Streams every request's responses; returns None, as decoupled models do."""
@@ -234,10 +163,7 @@ class TritonPythonModel:
             pb_utils.Logger.log_error(f"llm: generation failed: {exc!r}")
             for client in clients:
                 if not client.closed:
-                    client.send(
-                        pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {exc}")),
-                        final=True,
-                    )
+                    client.send(error_response(f"generation failed: {exc}", internal=True), final=True)
 
     def finalize(self) -> None:
         self._generator = None

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from compiler.export import export_cached
-from runtimes.encoders import OnnxEncoder, _buckets, cosine_scores, open_session, session_threads
+from runtimes.encoders import OnnxEncoder, _buckets, cosine_scores, open_session
 
 
 @pytest.fixture(scope="module")
@@ -17,12 +17,6 @@ def encoder(demo_models: dict[str, Path], export_cache: Path) -> OnnxEncoder:
         "embedding", demo_models["all-MiniLM-L6-v2"], max_length=256, cache_root=export_cache
     )
     return OnnxEncoder(artifacts, 32, open_session(artifacts / "model.onnx", threads=2))
-
-
-def test_session_threads_splits_cores_between_instances_when_not_configured() -> None:
-    assert session_threads(0, worker_count=2, cpu_count=8) == 4
-    assert session_threads(0, worker_count=4, cpu_count=2) == 1
-    assert session_threads(3, worker_count=4, cpu_count=2) == 3
 
 
 def test_buckets_start_a_new_call_when_a_row_is_more_than_twice_as_long() -> None:

@@ -374,6 +374,7 @@ class FakeTensor:
 
 class FakeTritonError:
     INVALID_ARG = 3
+    INTERNAL = 13
 
     def __init__(self, message: str, code: int | None = None) -> None:
         self.message, self.code = message, code
@@ -447,7 +448,9 @@ def fake_pb_utils() -> types.ModuleType:
 @pytest.fixture
 def adapter(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_pb_utils())
-    monkeypatch.delitem(sys.modules, "runtimes.llm_model", raising=False)
+    # Both import the fake at their own import: fresh copies, so neither keeps another test's fake.
+    for name in ("runtimes.llm_model", "runtimes._triton"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
     return importlib.import_module("runtimes.llm_model")
 
 
@@ -457,6 +460,7 @@ def parameters(**values: str) -> dict[str, Any]:
         "max_length": "128",
         "default_max_tokens": "5",
         "inference_timeout_s": "30",
+        "queue_timeout_us": "0",
         "intra_op_threads": "0",
         "worker_count": "1",
     } | values
@@ -467,19 +471,11 @@ def string_input(value: str) -> np.ndarray:
     return np.array([[value.encode()]], dtype=np.object_)
 
 
-def test_llm_settings_splits_cores_when_threads_are_zero(adapter: types.ModuleType) -> None:
-    settings = adapter.LlmSettings.from_model_config(parameters(worker_count="3"))
-    assert settings.threads(cpu_count=8) == 2
-    assert adapter.LlmSettings.from_model_config(parameters(intra_op_threads="3")).threads(8) == 3
-
-
-def test_llm_settings_raises_naming_parameter_when_missing_or_malformed(adapter: types.ModuleType) -> None:
+def test_model_refuses_to_load_naming_parameter_when_config_lacks_it(adapter: types.ModuleType) -> None:
     config = parameters()
-    del config["parameters"]["max_length"]
-    with pytest.raises(ValueError, match="max_length"):
-        adapter.LlmSettings.from_model_config(config)
-    with pytest.raises(ValueError, match="worker_count"):
-        adapter.LlmSettings.from_model_config(parameters(worker_count="two"))
+    del config["parameters"]["default_max_tokens"]
+    with pytest.raises(ValueError, match="default_max_tokens"):
+        adapter.TritonPythonModel().initialize({"model_config": json.dumps(config)})
 
 
 @pytest.fixture
@@ -598,6 +594,7 @@ def test_model_streams_in_triton_when_served_by_tritonserver(
 
     import tritonclient.grpc as grpcclient
 
+    from compiler.schema import Server
     from sluice.triton_server import TritonServer, TritonSettings, free_ports
 
     runtimes = Path(__file__).parents[1] / "runtimes"
@@ -608,13 +605,8 @@ def test_model_streams_in_triton_when_served_by_tritonserver(
     (version.parent / "config.pbtxt").write_text(llm_config_pbtxt("llm_service", parameters()))
     (tmp_path / "work").mkdir()
     http_port, grpc_port, metrics_port = free_ports(3)
-    settings = TritonSettings(
-        model_repository=tmp_path / "repository",
-        workdir=tmp_path / "work",
-        http_port=http_port,
-        grpc_port=grpc_port,
-        metrics_port=metrics_port,
-    )
+    server_section = Server(http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
+    settings = TritonSettings(tmp_path / "repository", tmp_path / "work", server_section)
 
     def string(name: str, value: str) -> Any:
         tensor = grpcclient.InferInput(name, [1, 1], "BYTES")

@@ -1,0 +1,132 @@
+"""Bad input sent straight to an embedding or reranker model is the client's fault: Triton's INVALID_ARG, which
+its HTTP API answers with 400 (not 500, an internal error), as it already was for the LLM."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from runtimes.encoders import Encoded
+from tests.helpers import write_yaml
+
+# --- runtimes/_triton.py against a fake triton_python_backend_utils ----------------------------------------------
+
+
+class FakeTritonError:
+    INVALID_ARG, INTERNAL = 3, 13
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        self.message, self.code = message, code
+
+
+class FakeResponse:
+    def __init__(self, output_tensors: list[Any] | None = None, error: FakeTritonError | None = None) -> None:
+        self.output_tensors, self.error = output_tensors or [], error
+
+
+@pytest.fixture
+def triton_helpers(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.ModuleType]:
+    fake = types.ModuleType("triton_python_backend_utils")
+    fake.__dict__.update(
+        TritonError=FakeTritonError,
+        InferenceResponse=FakeResponse,
+        Tensor=lambda name, array: (name, array),
+        get_input_tensor_by_name=lambda request, name: (
+            types.SimpleNamespace(as_numpy=lambda: request[name]) if name in request else None
+        ),
+    )
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
+    monkeypatch.delitem(sys.modules, "runtimes._triton", raising=False)
+    yield importlib.import_module("runtimes._triton")
+    sys.modules.pop("runtimes._triton", None)  # imported against the fake: no later test may get this copy
+
+
+def test_encoder_responses_answer_invalid_arg_only_to_the_bad_request_when_one_is_not_utf8(
+    triton_helpers: types.ModuleType,
+) -> None:
+    good, bad = {"text": np.array([[b"hello"]], np.object_)}, {"text": np.array([[b"\xff\xfe"]], np.object_)}
+
+    def run(texts: list[str]) -> Encoded:
+        assert texts == ["hello"]
+        return Encoded(np.ones((1, 2), np.float32), np.array([1], np.int32), np.array([False]))
+
+    served, refused = triton_helpers.encoder_responses(
+        [good, bad], lambda request: triton_helpers.request_strings(request, "text"), run, "embedding"
+    )
+    assert served.error is None
+    assert [name for name, _ in served.output_tensors] == ["embedding", "tokens", "truncated"]
+    assert refused.error.code == FakeTritonError.INVALID_ARG
+    assert refused.error.message == "input 'text' is not valid UTF-8"
+
+
+# --- inside the real tritonserver -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def encoders(
+    tmp_path_factory: pytest.TempPathFactory, demo_models: dict[str, Path], export_cache: Path
+) -> Iterator[str]:
+    """A compiled repository of one embedding and one reranker service on tritonserver; its HTTP address."""
+    from compiler.pipeline import compile_repository
+    from compiler.schema import Server
+    from sluice.triton_server import TritonServer, TritonSettings, free_ports
+
+    root = tmp_path_factory.mktemp("encoders")
+    config = {
+        "models": {
+            "minilm": {"type": "embedding", "model_name": str(demo_models["all-MiniLM-L6-v2"])},
+            "cross_encoder": {"type": "reranker", "model_name": str(demo_models["tiny-cross-encoder"])},
+        },
+        "services": {
+            "embedding_service": {"model": "minilm", "runtime": {"worker_count": 1}},
+            "reranker_service": {"model": "cross_encoder", "runtime": {"worker_count": 1}},
+        },
+    }
+    repository = root / "model_repository"
+    compile_repository(write_yaml(root, config), repository, cache_root=export_cache)
+    http_port, grpc_port, metrics_port = free_ports(3)
+    settings = TritonSettings(
+        repository, root / "work", Server(http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
+    )
+    with TritonServer(settings, startup_timeout=240) as server:
+        yield server.http_address
+
+
+def raw_bytes_input(name: str, rows: list[bytes]) -> Any:
+    import tritonclient.http as httpclient
+
+    tensor = httpclient.InferInput(name, [len(rows), 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[row] for row in rows], dtype=np.object_), binary_data=True)
+    return tensor
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("service", "inputs", "named"),
+    [
+        ("embedding_service", {"text": [b"ok", b"\xff\xfe"]}, "text"),
+        ("reranker_service", {"query": [b"\xc3("], "document": [b"a document"]}, "query"),
+    ],
+)
+def test_encoder_model_answers_400_naming_the_input_when_sent_bad_input_over_http(
+    encoders: str, service: str, inputs: dict[str, list[bytes]], named: str
+) -> None:
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    client = httpclient.InferenceServerClient(encoders)
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer(service, [raw_bytes_input(name, rows) for name, rows in inputs.items()])
+    assert refused.value.status() == "400"
+    assert f"input '{named}' is not valid UTF-8" in str(refused.value.message())
+    # The same service still answers good input.
+    good = {name: [b"fine"] * len(rows) for name, rows in inputs.items()}
+    assert client.infer(service, [raw_bytes_input(name, rows) for name, rows in good.items()]).get_response()
+    client.close()
