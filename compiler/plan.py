@@ -25,7 +25,8 @@ class QueuePolicy:
     """default_queue_policy. No default_timeout_microseconds: with one, tritonserver 2.51's dynamic batcher
     leaves the last request of a burst waiting until that timeout and then rejects it, though the instance is
     idle (a third of the requests of a 4+4+2-row burst; docs/triton-notes.md). queue_timeout is enforced by
-    the gateway instead, and direct clients may send a per-request ``timeout`` (allow_timeout_override)."""
+    the gateway instead. Without a default, Triton 2.51 ignores a direct client's per-request ``timeout`` (it can
+    only lower a non-zero default), so ``allow_timeout_override`` has no effect here."""
 
     max_queue_size: int
     timeout_action: str = "REJECT"
@@ -81,7 +82,7 @@ class Enforcement:
     knob: str
     value: Any
     explicit: bool
-    where: str  # "triton" | "gateway" | "triton+gateway"
+    where: str  # "triton" | "gateway" | "triton+gateway" | "none"
     what: str
 
 
@@ -158,33 +159,49 @@ def _parameters(model: AnyModel, runtime: ResolvedRuntime) -> dict[str, str]:
 
 
 def enforcement(plan: ServicePlan) -> list[Enforcement]:
-    """Where each of the nine knobs of a planned service takes effect, in the seed's order."""
+    """Where each of the nine knobs of a planned service takes effect, in the seed's order.
+
+    ``what`` names the fields and mechanisms, never the values (``sluice explain`` shows those beside it), so the
+    README's table is this function's output for each service type (tests/test_explain.py keeps them equal).
+    """
     t, r = plan.triton, plan.runtime
-    policy = t.dynamic_batching.default_queue_policy
+    llm = plan.model.type == "llm"
     group = t.instance_group
-    gpus = f" on GPUs {list(group.gpus)}" if group.gpus else ""
-    if t.response_cache:
-        cache = "response_cache + gateway item cache"
+    placement = f"{group.kind} on GPUs {list(group.gpus)}" if group.gpus else group.kind
+    if llm:
+        batch = ("triton", "max_batch_size: one dynamic batch decodes together; the gateway sends one prompt a request")
+        deadline = (
+            "triton+gateway",
+            "each Triton call's deadline (queue_timeout + inference_timeout, then gRPC cancel and 504); "
+            "parameters.inference_timeout_s: the runtime stops generating (finish_reason timeout)",
+        )
+        cache = ("none", "nothing: completions are never cached (a decoupled model takes no response cache)")
     else:
-        cache = "gateway item cache" if r.enable_cache else "off"
+        batch = (
+            "triton+gateway",
+            "max_batch_size; the gateway splits larger client batches and merges concurrent small requests up to it",
+        )
+        deadline = (
+            "gateway",
+            "each Triton call's deadline (queue_timeout + inference_timeout, then gRPC cancel and 504); "
+            "the ONNX run itself is not interrupted",
+        )
+        cache = ("triton+gateway", "when true: response_cache (per Triton request) + the gateway's per-item cache")
+    policy = "dynamic_batching.default_queue_policy.max_queue_size (REJECT: 503 at the gateway)"
     rows = {
-        "batch_size": ("triton+gateway", f"max_batch_size: {t.max_batch_size}; gateway splits larger batches"),
-        "batch_timeout": (
-            "triton", f"max_queue_delay_microseconds: {t.dynamic_batching.max_queue_delay_microseconds}"
-        ),
-        "max_queue_size": ("triton", f"default_queue_policy.max_queue_size: {policy.max_queue_size}"),
-        "worker_count": ("triton", f"instance_group: {group.count} x {group.kind}{gpus}"),
+        "batch_size": batch,
+        "batch_timeout": ("triton", "dynamic_batching.max_queue_delay_microseconds"),
+        "max_queue_size": ("triton", f"{policy}; counts Triton requests, not rows"),
+        "worker_count": ("triton", f"instance_group.count of {placement}; threads per instance = cores / count"),
         "queue_timeout": (
             "gateway",
-            f"a Triton call may take queue_timeout + inference_timeout; parameters.queue_timeout_us: "
-            f"{t.parameters['queue_timeout_us']} for direct clients",
+            "part of each Triton call's deadline (queue_timeout + inference_timeout); not sent to Triton, which "
+            "ignores a per-request timeout when its queue policy has no default (2.51)",
         ),
-        "inference_timeout": (
-            "triton+gateway", f"per-call deadline, gRPC cancel; runtime stops at {r.inference_timeout:g}s"
-        ),
-        "total_timeout": ("gateway", "deadline from arrival to last byte"),
-        "rate_limit": ("gateway", f"{r.rate_limit:g} requests/s per service"),
-        "enable_cache": ("triton+gateway" if t.response_cache else "gateway", cache),
+        "inference_timeout": deadline,
+        "total_timeout": ("gateway", "one deadline from arrival to the last byte, streams included (504)"),
+        "rate_limit": ("gateway", "requests per second per service (moving window; memory or Redis): 429"),
+        "enable_cache": cache,
     }
     return [
         Enforcement(knob, getattr(r, knob), knob in r.explicit, *rows[knob]) for knob in RUNTIME_KNOBS

@@ -40,12 +40,14 @@ def test_explain_shows_each_knob_and_its_triton_field_when_config_is_valid() -> 
     assert result.exit_code == 0, result.output
     for words in (
         "embedding_service",
-        "max_queue_delay_microseconds: 10000",
-        "default_queue_policy.max_queue_size: 500",
-        "instance_group: 4 x KIND_CPU",
-        "parameters.queue_timeout_us: 200000",
-        "10 requests/s",
-        "response_cache + gateway item cache",
+        "0.01s",
+        "dynamic_batching.max_queue_delay_microseconds",
+        "default_queue_policy.max_queue_size",
+        "instance_group.count of KIND_CPU",
+        "10/s",
+        "the ONNX run itself is not interrupted",
+        "the runtime stops generating",
+        "response_cache (per Triton request)",
         "can never bind",
     ):
         assert words in result.output

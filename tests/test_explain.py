@@ -1,0 +1,54 @@
+"""`sluice explain` and the README's knob table say what each knob really does, from one function."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from compiler.explain import knob_table_markdown
+from compiler.pipeline import build_plan
+from compiler.plan import enforcement
+
+README = Path(__file__).parent.parent / "README.md"
+DATA = Path(__file__).parent / "data"
+BEGIN, END = "generated from compiler/plan.py enforcement()", "<!-- end of knob table -->"
+
+
+def rows_of(service: str) -> dict[str, tuple[str, str]]:
+    plan = next(s for s in build_plan(DATA / "seed_config.yaml").plan.services if s.name == service)
+    return {row.knob: (row.where, row.what) for row in enforcement(plan)}
+
+
+def test_readme_knob_table_is_enforcement_output_when_either_changes() -> None:
+    text = README.read_text(encoding="utf-8")
+    start = text.index("\n", text.index(BEGIN)) + 1
+    end = text.index(END)
+    if os.environ.get("SLUICE_UPDATE_GOLDEN"):
+        README.write_text(text[:start] + knob_table_markdown() + text[end:], encoding="utf-8")
+        text = README.read_text(encoding="utf-8")
+        end = text.index(END)
+    assert text[start:end] == knob_table_markdown(), "README knob table is stale (SLUICE_UPDATE_GOLDEN=1 rewrites)"
+
+
+def test_explain_says_the_onnx_run_is_not_interrupted_when_an_encoder_passes_inference_timeout() -> None:
+    for service in ("embedding_service", "reranker_service"):
+        where, what = rows_of(service)["inference_timeout"]
+        assert where == "gateway"
+        assert "not interrupted" in what and "runtime stops" not in what
+
+
+def test_explain_says_the_runtime_stops_generating_when_the_llm_passes_inference_timeout() -> None:
+    where, what = rows_of("llm_service")["inference_timeout"]
+    assert where == "triton+gateway"
+    assert "parameters.inference_timeout_s" in what
+
+
+def test_explain_says_nothing_is_cached_when_an_llm_service_enables_the_cache() -> None:
+    where, what = rows_of("llm_service")["enable_cache"]
+    assert where == "none" and "never cached" in what
+
+
+def test_explain_never_promises_a_queue_timeout_to_direct_triton_clients() -> None:
+    for service in ("embedding_service", "reranker_service", "llm_service"):
+        where, what = rows_of(service)["queue_timeout"]
+        assert where == "gateway" and "ignores a per-request timeout" in what
