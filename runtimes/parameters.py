@@ -26,7 +26,8 @@ class RuntimeParameters:
     artifacts_dir: str  # relative to the version directory: the exported model and its tokenizer
     max_length: int  # tokens per text or pair (encoders); the context window (LLM)
     inference_timeout_s: float  # the runtime's own deadline per request; 0: none
-    # For direct Triton clients: the per-request `timeout` (microseconds) that the gateway's queue_timeout means.
+    # The service's queue_timeout, on record for direct Triton clients. Nothing enforces it for them: Triton 2.51
+    # ignores a per-request `timeout` when the queue policy has no default (docs/triton-notes.md).
     queue_timeout_us: int
     worker_count: int  # model instances sharing this machine's cores
     intra_op_threads: int = 0  # 0: derived from the cores and worker_count (threads())
