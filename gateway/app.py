@@ -20,13 +20,13 @@ from .cache import create_cache
 from .coalescing import Coalescer
 from .completions import create_chat_completion, create_completion
 from .embeddings import create_embeddings
-from .errors import DeadlineExceeded, GatewayError, NotFound, Unavailable
+from .errors import GatewayError, HTTPRefusal, RouteNotFound, Unavailable
 from .metrics import GatewayMetrics, RequestMetrics
 from .middleware import BearerAuth, BodySizeLimit, CancelOnDisconnect
 from .ratelimit import RateLimiter
 from .rerank import rerank
 from .settings import GatewaySettings
-from .state import Gateway, json_response
+from .state import Gateway, error_response, json_response
 from .triton import Triton
 
 log = logging.getLogger("sluice.gateway")
@@ -83,24 +83,22 @@ def create_app(settings: GatewaySettings) -> Starlette:
 
 async def gateway_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, GatewayError)
-    if isinstance(error, DeadlineExceeded) and (service := getattr(request.state, "service", None)):
-        request.app.state.gateway.metrics.of(service).deadlines.inc()
-    return json_response(error.body(), error.headers, error.status)
+    if service := getattr(request.state, "service", None):
+        request.app.state.gateway.metrics.failed(service, error)
+    return error_response(error)
 
 
 async def http_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, HTTPException)
-    wrapped = GatewayError(str(error.detail))
-    wrapped.status, wrapped.type, wrapped.code = error.status_code, "invalid_request_error", None
+    headers = dict(error.headers or {})
     if error.status_code == 404:
-        wrapped = NotFound(f"no route {request.url.path}")
-        wrapped.code = "not_found"
-    return json_response(wrapped.body(), dict(error.headers or {}), error.status_code)
+        return error_response(RouteNotFound(f"no route {request.url.path}", headers=headers))
+    return error_response(HTTPRefusal(error.status_code, str(error.detail), headers=headers))
 
 
 async def unexpected_error(request: Request, error: Exception) -> Response:
     log.exception("unexpected error on %s", request.url.path, exc_info=error)
-    return json_response(GatewayError("internal error; see the gateway log").body(), status=500)
+    return error_response(GatewayError("internal error; see the gateway log"))
 
 
 async def list_models(request: Request) -> Response:
@@ -121,8 +119,7 @@ async def ready(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
     missing = await gateway.triton.ready(sorted(gateway.settings.routes))
     if missing:
-        error = Unavailable(f"not ready: {', '.join(missing)}")
-        return json_response(error.body(), {"Retry-After": "1"}, error.status)
+        raise Unavailable(f"not ready: {', '.join(missing)}", headers={"Retry-After": "1"})
     return json_response({"status": "ready", "services": sorted(gateway.settings.routes)})
 
 

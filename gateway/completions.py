@@ -19,8 +19,22 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from runtimes.signatures import (
+    COMPLETION_TOKENS,
+    FINISH_REASON,
+    MAX_TOKENS,
+    MESSAGES,
+    PROMPT_TOKENS,
+    SEED,
+    STOP,
+    TEMPERATURE,
+    TEXT_INPUT,
+    TEXT_OUTPUT,
+    TOP_P,
+)
+
 from .admission import Call, admit, gather, parse_body
-from .errors import DeadlineExceeded, GatewayError, Unprocessable
+from .errors import DeadlineExceeded, GatewayError, Unprocessable, envelope_bytes
 from .protocol import ChatRequest, CompletionRequest, _Sampling
 from .state import json_response
 from .triton import text_column
@@ -37,17 +51,17 @@ class Piece:
     completion_tokens: int
 
 
-def _llm_inputs(body: _Sampling, max_tokens: int | None, **text: str) -> dict[str, Any]:
-    (name, value), = text.items()
-    inputs: dict[str, Any] = {name: text_column([value])}
+def _llm_inputs(body: _Sampling, max_tokens: int | None, text_name: str, text: str) -> dict[str, Any]:
+    """One generation's inputs; ``text_name`` is the tensor ``text`` goes in (TEXT_INPUT or MESSAGES)."""
+    inputs: dict[str, Any] = {text_name: text_column([text])}
     if max_tokens is not None:
-        inputs["max_tokens"] = np.array([[max_tokens]], np.int32)
-    inputs["temperature"] = np.array([[body.temperature]], np.float32)
-    inputs["top_p"] = np.array([[body.top_p]], np.float32)
+        inputs[MAX_TOKENS] = np.array([[max_tokens]], np.int32)
+    inputs[TEMPERATURE] = np.array([[body.temperature]], np.float32)
+    inputs[TOP_P] = np.array([[body.top_p]], np.float32)
     if body.seed is not None:
-        inputs["seed"] = np.array([[body.seed]], np.int64)
+        inputs[SEED] = np.array([[body.seed]], np.int64)
     if body.stop:
-        inputs["stop"] = text_column([json.dumps(body.stop_list())])
+        inputs[STOP] = text_column([json.dumps(body.stop_list())])
     return inputs
 
 
@@ -58,10 +72,10 @@ async def generate(gateway: Gateway, call: Call, inputs: dict[str, Any], arrival
     first = True
     async for result in gateway.triton.stream(service, inputs, call.call_timeout()):
         piece = Piece(
-            text=result["text_output"].item().decode("utf-8"),
-            finish_reason=result["finish_reason"].item().decode("utf-8"),
-            prompt_tokens=int(result["prompt_tokens"].item()),
-            completion_tokens=int(result["completion_tokens"].item()),
+            text=result[TEXT_OUTPUT].item().decode("utf-8"),
+            finish_reason=result[FINISH_REASON].item().decode("utf-8"),
+            prompt_tokens=int(result[PROMPT_TOKENS].item()),
+            completion_tokens=int(result[COMPLETION_TOKENS].item()),
         )
         if first and piece.text:
             metrics.first_token.observe(time.monotonic() - arrival)
@@ -104,7 +118,7 @@ async def create_completion(request: Request) -> Response:
         raise Unprocessable("prompt: streaming takes one prompt", param="prompt")
     call = await admit(gateway, request, route, items=len(prompts), items_param="prompt")
     arrival = request.state.arrival
-    requests = [_llm_inputs(body, body.max_tokens, text_input=prompt) for prompt in prompts]
+    requests = [_llm_inputs(body, body.max_tokens, TEXT_INPUT, prompt) for prompt in prompts]
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(piece: Piece) -> dict[str, Any]:
@@ -114,7 +128,7 @@ async def create_completion(request: Request) -> Response:
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _event_stream(call, generate(gateway, call, requests[0], arrival), chunk, include_usage)
+        return _event_stream(gateway, call, generate(gateway, call, requests[0], arrival), chunk, include_usage)
     async with call.deadline():
         pieces = await gather(*(collect(gateway, call, inputs, arrival) for inputs in requests))
     totals = Piece("", "", sum(p.prompt_tokens for p in pieces), sum(p.completion_tokens for p in pieces))
@@ -134,7 +148,7 @@ async def create_chat_completion(request: Request) -> Response:
     route = gateway.settings.resolve(body.model, ("llm",))
     call = await admit(gateway, request, route)
     messages = json.dumps([{"role": m.role, "content": m.text()} for m in body.messages])
-    inputs = _llm_inputs(body, body.token_limit(), messages=messages)
+    inputs = _llm_inputs(body, body.token_limit(), MESSAGES, messages)
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     role_sent = False
 
@@ -151,7 +165,7 @@ async def create_chat_completion(request: Request) -> Response:
     arrival = request.state.arrival
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _event_stream(call, generate(gateway, call, inputs, arrival), chunk, include_usage)
+        return _event_stream(gateway, call, generate(gateway, call, inputs, arrival), chunk, include_usage)
     async with call.deadline():
         piece = await collect(gateway, call, inputs, arrival)
     return json_response({
@@ -167,7 +181,11 @@ async def create_chat_completion(request: Request) -> Response:
 
 
 def _event_stream(
-    call: Call, pieces: AsyncIterator[Piece], chunk: Callable[[Piece], dict[str, Any]], include_usage: bool
+    gateway: Gateway,
+    call: Call,
+    pieces: AsyncIterator[Piece],
+    chunk: Callable[[Piece], dict[str, Any]],
+    include_usage: bool,
 ) -> StreamingResponse:
     async def events() -> AsyncIterator[bytes]:
         last: Piece | None = None
@@ -175,18 +193,19 @@ def _event_stream(
             async with call.deadline():
                 async for piece in pieces:
                     last = piece
-                    yield _sse(chunk(piece))
+                    yield _sse(orjson.dumps(chunk(piece)))
         except GatewayError as error:  # a stream cannot change its status: the error is its last event
-            yield _sse(error.body())
+            gateway.metrics.failed(call.route.service, error)  # never reaches app.py's handler, which counts
+            yield _sse(envelope_bytes(error))
         else:
             if include_usage and last is not None:
                 usage_chunk = chunk(last) | {"choices": [], "usage": _usage(last)}
-                yield _sse(usage_chunk)
+                yield _sse(orjson.dumps(usage_chunk))
         yield b"data: [DONE]\n\n"
 
     headers = call.headers | {"cache-control": "no-cache", "x-accel-buffering": "no"}
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
 
-def _sse(data: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(data) + b"\n\n"
+def _sse(data: bytes) -> bytes:
+    return b"data: " + data + b"\n\n"

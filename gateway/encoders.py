@@ -18,6 +18,8 @@ import numpy as np
 import numpy.typing as npt
 from starlette.requests import Request
 
+from runtimes.signatures import DOCUMENT, EMBEDDING, QUERY, SCORE, TEXT, TOKENS, TRUNCATED, output_names
+
 from .admission import Call, gather
 from .cache import item_keys, key_namespace
 from .triton import text_column
@@ -98,10 +100,10 @@ async def _infer(
         results = [await _infer_chunk(gateway, call, chunks[0])]
     else:
         results = await gather(*(_infer_chunk(gateway, call, chunk) for chunk in chunks))
-    value_name = "embedding" if route.type == "embedding" else "score"
+    value_name = EMBEDDING if route.type == "embedding" else SCORE
     return (
-        _joined([r["tokens"].reshape(-1) for r in results]).astype(np.int32, copy=False),
-        _joined([r["truncated"].reshape(-1) for r in results]).astype(np.bool_, copy=False),
+        _joined([r[TOKENS].reshape(-1) for r in results]).astype(np.int32, copy=False),
+        _joined([r[TRUNCATED].reshape(-1) for r in results]).astype(np.bool_, copy=False),
         _joined([r[value_name] for r in results]).astype(np.float32, copy=False),
     )
 
@@ -113,12 +115,10 @@ def _joined(arrays: list[npt.NDArray[Any]]) -> npt.NDArray[Any]:
 async def _infer_chunk(gateway: Gateway, call: Call, chunk: list[tuple[str, ...]]) -> dict[str, Any]:
     route = call.route
     if route.type == "embedding":
-        inputs = {"text": text_column([item[0] for item in chunk])}
-        outputs = ["embedding", "tokens", "truncated"]
+        inputs = {TEXT: text_column([item[0] for item in chunk])}
     else:
-        inputs = {"query": text_column([item[0] for item in chunk]),
-                  "document": text_column([item[1] for item in chunk])}
-        outputs = ["score", "tokens", "truncated"]
+        inputs = {QUERY: text_column([item[0] for item in chunk]), DOCUMENT: text_column([item[1] for item in chunk])}
+    outputs = output_names(route.type)
     started = time.monotonic()
     try:
         return await gateway.coalescer.infer(route.service, inputs, outputs, call.call_timeout(), route.batch_size)

@@ -1,13 +1,15 @@
 """The gateway's errors: raised anywhere, turned into one JSON envelope by one set of handlers (app.py).
 
 ``{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}``, the OpenAI shape, so OpenAI clients
-surface the message.
+surface the message. ``envelope_bytes`` is its one serialiser: the app's handlers, the middleware's refusals and a
+stream's final error event all send what it writes.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
+
+import orjson
 
 
 class GatewayError(Exception):
@@ -39,6 +41,12 @@ class NotFound(GatewayError):
     status, type, code = 404, "invalid_request_error", "model_not_found"
 
 
+class RouteNotFound(NotFound):
+    """No route for the request's path (a model that does not exist is ``NotFound``)."""
+
+    code = "not_found"
+
+
 class PayloadTooLarge(GatewayError):
     status, type, code = 413, "invalid_request_error", "payload_too_large"
 
@@ -61,5 +69,16 @@ class DeadlineExceeded(GatewayError):
     status, type, code = 504, "timeout_error", "deadline_exceeded"
 
 
+class HTTPRefusal(GatewayError):
+    """Another refusal of Starlette's own (an ``HTTPException``: method not allowed, mostly), with its status."""
+
+    type = "invalid_request_error"
+
+    def __init__(self, status: int, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, headers=headers)
+        self.status = status
+
+
 def envelope_bytes(error: GatewayError) -> bytes:
-    return json.dumps(error.body()).encode()
+    """The error's envelope as JSON: the body of its response, or the data of a stream's last event."""
+    return orjson.dumps(error.body())

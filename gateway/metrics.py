@@ -14,6 +14,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .errors import DeadlineExceeded, GatewayError
+
 _MERGE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -93,6 +95,13 @@ class GatewayMetrics:
             )
         children[0].inc()
         children[1].observe(seconds)
+
+    def failed(self, service: str, error: GatewayError) -> None:
+        """Count the error a request of ``service`` was answered with: its response (app.py's handler) or, once a
+        stream has begun and its status is sent, the stream's last event (completions.py). The one place that
+        counts deadlines, so a deadline passing mid-stream counts as one passing before the answer does."""
+        if isinstance(error, DeadlineExceeded):
+            self.of(service).deadlines.inc()
 
 
 class RequestMetrics:

@@ -1,7 +1,8 @@
 """Request bodies of every endpoint, as pydantic models (OpenAI, Cohere v2 and Jina shapes).
 
-Unknown fields are refused, so a misspelt option is an error naming it rather than silently ignored. Responses are
-plain dicts built by the endpoint modules (serialised with orjson, which writes numpy arrays directly).
+Unknown fields are refused, so a misspelt option is an error naming it rather than silently ignored. Every number
+is bounded, so that none overflows the tensor it is sent in (a 422 naming the field rather than a 500). Responses
+are plain dicts built by the endpoint modules (serialised with orjson, which writes numpy arrays directly).
 """
 
 from __future__ import annotations
@@ -11,6 +12,11 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 NonEmptyText = Annotated[str, StringConstraints(min_length=1)]
+
+# The largest values of the LLM's INT32 (max_tokens) and INT64 (seed) tensors (runtimes/signatures.py); the counts
+# that are never sent to Triton (dimensions, top_n) take the INT32 bound too.
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class _Body(BaseModel):
@@ -23,7 +29,9 @@ class EmbeddingRequest(_Body):
         description="A text or a list of texts (token arrays are not accepted)."
     )
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, gt=0, description="Must equal the model's own dimension when given.")
+    dimensions: int | None = Field(
+        None, gt=0, le=INT32_MAX, description="Must equal the model's own dimension when given."
+    )
     user: str | None = None
 
     def texts(self) -> list[str]:
@@ -40,7 +48,7 @@ class RerankRequest(_Body):
     model: NonEmptyText
     query: NonEmptyText
     documents: Annotated[list[str | TextDocument], Field(min_length=1)]
-    top_n: int | None = Field(None, gt=0)
+    top_n: int | None = Field(None, gt=0, le=INT32_MAX)
     return_documents: bool = False
 
     def document_texts(self) -> list[str]:
@@ -53,10 +61,10 @@ class StreamOptions(_Body):
 
 class _Sampling(_Body):
     model: NonEmptyText
-    max_tokens: int | None = Field(None, gt=0)
+    max_tokens: int | None = Field(None, gt=0, le=INT32_MAX)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -92,7 +100,7 @@ class ChatMessage(_Body):
 
 class ChatRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: int | None = Field(None, gt=0)
+    max_completion_tokens: int | None = Field(None, gt=0, le=INT32_MAX)
 
     @field_validator("messages")
     @classmethod

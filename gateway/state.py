@@ -1,4 +1,5 @@
-"""What every request handler reaches through ``request.app.state.gateway``, and the one JSON response maker."""
+"""What every request handler reaches through ``request.app.state.gateway``, and the JSON response makers: one for
+answers, one for errors."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from starlette.responses import Response
 
 from .cache import ItemCache
 from .coalescing import Coalescer
+from .errors import GatewayError, envelope_bytes
 from .metrics import GatewayMetrics
 from .ratelimit import RateLimiter
 from .settings import GatewaySettings
@@ -32,3 +34,9 @@ def json_response(payload: Any, headers: dict[str, str] | None = None, status: i
     # orjson writes numpy arrays (embeddings) directly, without a list of Python floats in between.
     body = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
     return Response(body, status_code=status, headers=headers, media_type="application/json")
+
+
+def error_response(error: GatewayError) -> Response:
+    """``error``'s envelope, status and headers, as the app's handlers answer every error."""
+    return Response(envelope_bytes(error), status_code=error.status, headers=error.headers,
+                    media_type="application/json")

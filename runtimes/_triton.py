@@ -16,6 +16,7 @@ import numpy.typing as npt
 import triton_python_backend_utils as pb_utils
 
 from runtimes.parameters import RuntimeParameters
+from runtimes.signatures import TOKENS, TRUNCATED
 
 if TYPE_CHECKING:  # onnxruntime stays out of the LLM model's process
     from runtimes.encoders import Encoded, OnnxEncoder
@@ -109,8 +110,8 @@ def encoder_responses(
             pb_utils.InferenceResponse(
                 output_tensors=[
                     pb_utils.Tensor(value_name, np.ascontiguousarray(values)),
-                    pb_utils.Tensor("tokens", column(encoded.tokens[start:end], np.int32)),
-                    pb_utils.Tensor("truncated", column(encoded.truncated[start:end], np.bool_)),
+                    pb_utils.Tensor(TOKENS, column(encoded.tokens[start:end], np.int32)),
+                    pb_utils.Tensor(TRUNCATED, column(encoded.truncated[start:end], np.bool_)),
                 ]
             )
         )

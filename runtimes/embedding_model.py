@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from runtimes._triton import encoder_responses, load_encoder, request_strings
+from runtimes.signatures import EMBEDDING, TEXT
 
 
 class TritonPythonModel:
@@ -17,5 +18,5 @@ class TritonPythonModel:
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return encoder_responses(
-            requests, lambda request: request_strings(request, "text"), self.encoder.encode_texts, "embedding"
+            requests, lambda request: request_strings(request, TEXT), self.encoder.encode_texts, EMBEDDING
         )

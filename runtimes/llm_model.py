@@ -18,6 +18,19 @@ import triton_python_backend_utils as pb_utils
 
 from runtimes._triton import error_response, gpu_device_id, model_parameters, request_value, version_dir
 from runtimes.llm import BatchGenerator, GenerationEvent, GenerationRequest, load_generator
+from runtimes.signatures import (
+    COMPLETION_TOKENS,
+    FINISH_REASON,
+    MAX_TOKENS,
+    MESSAGES,
+    PROMPT_TOKENS,
+    SEED,
+    STOP,
+    TEMPERATURE,
+    TEXT_INPUT,
+    TEXT_OUTPUT,
+    TOP_P,
+)
 
 
 def _json_list(request: Any, name: str) -> list[Any] | None:
@@ -35,12 +48,12 @@ def _json_list(request: Any, name: str) -> list[Any] | None:
 
 def parse_request(request: Any, is_cancelled: Callable[[], bool]) -> GenerationRequest:
     """Reads one Triton request's inputs; a ValueError names the input that is wrong."""
-    optional = {name: request_value(request, name) for name in ("max_tokens", "temperature", "top_p", "seed")}
+    optional = {name: request_value(request, name) for name in (MAX_TOKENS, TEMPERATURE, TOP_P, SEED)}
     present = {name: value for name, value in optional.items() if value is not None}
     return GenerationRequest(
-        text_input=request_value(request, "text_input"),
-        messages=_json_list(request, "messages"),
-        stop=tuple(_json_list(request, "stop") or ()),
+        text_input=request_value(request, TEXT_INPUT),
+        messages=_json_list(request, MESSAGES),
+        stop=tuple(_json_list(request, STOP) or ()),
         is_cancelled=is_cancelled,
         **present,
     )
@@ -56,10 +69,10 @@ def event_response(event: GenerationEvent) -> Any:
         return error_response(event.error)
     return pb_utils.InferenceResponse(
         output_tensors=[
-            _string_tensor("text_output", event.text),
-            _string_tensor("finish_reason", event.finish_reason or ""),
-            pb_utils.Tensor("prompt_tokens", np.array([[event.prompt_tokens]], dtype=np.int32)),
-            pb_utils.Tensor("completion_tokens", np.array([[event.completion_tokens]], dtype=np.int32)),
+            _string_tensor(TEXT_OUTPUT, event.text),
+            _string_tensor(FINISH_REASON, event.finish_reason or ""),
+            pb_utils.Tensor(PROMPT_TOKENS, np.array([[event.prompt_tokens]], dtype=np.int32)),
+            pb_utils.Tensor(COMPLETION_TOKENS, np.array([[event.completion_tokens]], dtype=np.int32)),
         ]
     )
 

@@ -12,10 +12,11 @@ from typing import Any
 
 from runtimes._triton import encoder_responses, load_encoder, request_strings
 from runtimes.encoders import cosine_scores
+from runtimes.signatures import DOCUMENT, EMBEDDING, QUERY, SCORE
 
 
 def _pairs(request: Any) -> list[tuple[str, str]]:
-    queries, documents = request_strings(request, "query"), request_strings(request, "document")
+    queries, documents = request_strings(request, QUERY), request_strings(request, DOCUMENT)
     if len(queries) != len(documents):
         raise ValueError(f"input 'query' has {len(queries)} rows but 'document' has {len(documents)}")
     return list(zip(queries, documents, strict=True))
@@ -24,8 +25,8 @@ def _pairs(request: Any) -> list[tuple[str, str]]:
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         self.encoder = load_encoder(args)
-        cosine = self.encoder.output_name == "embedding"
+        cosine = self.encoder.output_name == EMBEDDING
         self.score = partial(cosine_scores, self.encoder) if cosine else self.encoder.encode_pairs
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        return encoder_responses(requests, _pairs, self.score, "score")
+        return encoder_responses(requests, _pairs, self.score, SCORE)

@@ -18,36 +18,48 @@ class Tensor(NamedTuple):
     optional: bool = False
 
 
-EMBEDDING_INPUTS = (Tensor("text", "STRING", (1,)),)
-EMBEDDING_OUTPUTS = (
-    Tensor("embedding", "FP32", (-1,)),
-    Tensor("tokens", "INT32", (1,)),  # tokens the model saw (after truncation), for usage
-    Tensor("truncated", "BOOL", (1,)),  # the text was longer than max_length
+# Tensor names, each written once: the tuples below use them, and so do clients that address tensors by name (the
+# gateway; tests/test_tensor_contract.py checks what it sends and reads against SIGNATURES).
+TEXT, EMBEDDING = "text", "embedding"  # embedding
+QUERY, DOCUMENT, SCORE = "query", "document", "score"  # reranker
+TOKENS, TRUNCATED = "tokens", "truncated"  # embedding and reranker
+TEXT_INPUT, MESSAGES, MAX_TOKENS, TEMPERATURE, TOP_P, SEED, STOP = (  # llm inputs
+    "text_input", "messages", "max_tokens", "temperature", "top_p", "seed", "stop"
+)
+TEXT_OUTPUT, FINISH_REASON, PROMPT_TOKENS, COMPLETION_TOKENS = (  # llm outputs
+    "text_output", "finish_reason", "prompt_tokens", "completion_tokens"
 )
 
-RERANKER_INPUTS = (Tensor("query", "STRING", (1,)), Tensor("document", "STRING", (1,)))
+EMBEDDING_INPUTS = (Tensor(TEXT, "STRING", (1,)),)
+EMBEDDING_OUTPUTS = (
+    Tensor(EMBEDDING, "FP32", (-1,)),
+    Tensor(TOKENS, "INT32", (1,)),  # tokens the model saw (after truncation), for usage
+    Tensor(TRUNCATED, "BOOL", (1,)),  # the text was longer than max_length
+)
+
+RERANKER_INPUTS = (Tensor(QUERY, "STRING", (1,)), Tensor(DOCUMENT, "STRING", (1,)))
 RERANKER_OUTPUTS = (
-    Tensor("score", "FP32", (1,)),
-    Tensor("tokens", "INT32", (1,)),
-    Tensor("truncated", "BOOL", (1,)),
+    Tensor(SCORE, "FP32", (1,)),
+    Tensor(TOKENS, "INT32", (1,)),
+    Tensor(TRUNCATED, "BOOL", (1,)),
 )
 
 # A request carries either text_input (a prompt) or messages (a JSON list of {"role", "content"}).
 LLM_INPUTS = (
-    Tensor("text_input", "STRING", (1,), optional=True),
-    Tensor("messages", "STRING", (1,), optional=True),
-    Tensor("max_tokens", "INT32", (1,), optional=True),
-    Tensor("temperature", "FP32", (1,), optional=True),
-    Tensor("top_p", "FP32", (1,), optional=True),
-    Tensor("seed", "INT64", (1,), optional=True),
-    Tensor("stop", "STRING", (1,), optional=True),  # JSON list of stop strings
+    Tensor(TEXT_INPUT, "STRING", (1,), optional=True),
+    Tensor(MESSAGES, "STRING", (1,), optional=True),
+    Tensor(MAX_TOKENS, "INT32", (1,), optional=True),
+    Tensor(TEMPERATURE, "FP32", (1,), optional=True),
+    Tensor(TOP_P, "FP32", (1,), optional=True),
+    Tensor(SEED, "INT64", (1,), optional=True),
+    Tensor(STOP, "STRING", (1,), optional=True),  # JSON list of stop strings
 )
 # One response per piece of text; the last one (flag FINAL) has finish_reason set and empty text.
 LLM_OUTPUTS = (
-    Tensor("text_output", "STRING", (1,)),
-    Tensor("finish_reason", "STRING", (1,)),  # "" until the end, then stop | length | cancelled | timeout
-    Tensor("prompt_tokens", "INT32", (1,)),
-    Tensor("completion_tokens", "INT32", (1,)),
+    Tensor(TEXT_OUTPUT, "STRING", (1,)),
+    Tensor(FINISH_REASON, "STRING", (1,)),  # "" until the end, then stop | length | cancelled | timeout
+    Tensor(PROMPT_TOKENS, "INT32", (1,)),
+    Tensor(COMPLETION_TOKENS, "INT32", (1,)),
 )
 
 SIGNATURES: dict[str, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] = {
@@ -55,3 +67,8 @@ SIGNATURES: dict[str, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] = {
     "reranker": (RERANKER_INPUTS, RERANKER_OUTPUTS),
     "llm": (LLM_INPUTS, LLM_OUTPUTS),
 }
+
+
+def output_names(service_type: str) -> tuple[str, ...]:
+    """Every output of ``service_type``, in the contract's order: what a client asks Triton for."""
+    return tuple(tensor.name for tensor in SIGNATURES[service_type][1])

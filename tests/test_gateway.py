@@ -370,23 +370,41 @@ def test_coalescer_answers_the_callers_that_stay_when_others_leave(stack: tuple[
     assert both_left and answer["embedding"].shape == (1, 384)
 
 
+class WatchedTriton:
+    """The real Triton, noting when an ``infer`` call starts and when one is cancelled while it waits for Triton."""
+
+    def __init__(self, triton: Triton) -> None:
+        self.triton = triton
+        self.started = asyncio.Event()
+        self.cancelled = asyncio.Event()
+
+    async def infer(self, *args: Any) -> Any:
+        self.started.set()
+        try:
+            return await self.triton.infer(*args)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+
 def test_coalescer_cancels_the_triton_call_when_every_caller_leaves(stack: tuple[TritonServer, Path]) -> None:
     triton_server, _ = stack
 
-    async def scenario(coalescer: Coalescer, triton: Triton, merges: list[tuple[str, int]]) -> Any:
+    async def scenario(_: Coalescer, triton: Triton, merges: list[tuple[str, int]]) -> Any:
+        watched = WatchedTriton(triton)
+        coalescer = Coalescer(watched, on_call=lambda service, callers: merges.append((service, callers)))
         callers = [asyncio.ensure_future(coalescer.infer(
             "embedding_service", {"text": text_column([f"all leave {i}"])}, EMBED_OUTPUTS, 5, max_rows=4))
             for i in range(2)]
-        for _ in range(3):  # sent, and waiting on Triton
-            await asyncio.sleep(0)
-        sends = [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "") == "Coalescer._send"]
+        await watched.started.wait()  # sent, and waiting on Triton
         for caller in callers:
             caller.cancel()
-        await asyncio.wait(sends, timeout=5)
-        return merges, [t.cancelled() for t in sends]
+        await asyncio.wait_for(watched.cancelled.wait(), timeout=5)
+        await asyncio.gather(*callers, return_exceptions=True)
+        return merges, [caller.cancelled() for caller in callers]
 
-    merges, cancelled = run_coalesced(triton_server.grpc_url, scenario)
-    assert merges == [("embedding_service", 2)] and cancelled == [True]
+    merges, left = run_coalesced(triton_server.grpc_url, scenario)
+    assert merges == [("embedding_service", 2)] and left == [True, True]
 
 
 def test_coalescer_gives_every_caller_tritons_refusal_when_the_merged_call_fails(
@@ -464,6 +482,11 @@ def test_cache_keeps_rerank_scores_per_query_and_document_when_enabled(client: h
 # ---- deadlines ------------------------------------------------------------------------------------------------------
 
 
+# A prompt the tiny LLM continues, under greedy decoding, until max_tokens (1900 tokens, about 1.8 s on 2 cores)
+# without an end-of-sequence token. Others end sooner: "Tell me everything" at 252 tokens, within 0.4 s.
+LONG_PROMPT = "hello world"
+
+
 def llm_outcomes(triton: TritonServer, service: str) -> dict[str, float]:
     return {reason: triton_metric(triton, "sluice_llm_requests_finished_total", model=service, reason=reason)
             for reason in ("cancelled", "timeout", "length", "stop")}
@@ -479,38 +502,68 @@ def wait_for_end(triton: TritonServer, service: str, before: dict[str, float]) -
     pytest.fail(f"{service}: the generation was not stopped at Triton")
 
 
+def deadlines_counted(gateway: str, service: str) -> float:
+    return sample_value(metrics_text(f"{gateway}/metrics"), "sluice_gateway_deadline_exceeded_total", service=service)
+
+
 def test_inference_timeout_gives_504_and_stops_generation_when_a_call_runs_long(
-    client: httpx.Client, stack: tuple[TritonServer, Path]
+    gateway: str, client: httpx.Client, stack: tuple[TritonServer, Path]
 ) -> None:
     triton, _ = stack
     before = llm_outcomes(triton, "hasty_llm")
+    counted_before = deadlines_counted(gateway, "hasty_llm")
     started = time.monotonic()
-    response = client.post("/v1/completions", json={"model": "hasty_llm", "prompt": "Tell me everything",
+    response = client.post("/v1/completions", json={"model": "hasty_llm", "prompt": LONG_PROMPT,
                                                     "max_tokens": 1900, "temperature": 0})
     assert response.status_code == 504 and time.monotonic() - started < 1.5
     assert error_of(response)["code"] == "deadline_exceeded"
+    assert deadlines_counted(gateway, "hasty_llm") - counted_before == 1
     after = wait_for_end(triton, "hasty_llm", before)
     assert after["length"] == before["length"]  # it never ran to the end
 
 
+def stream_events(http: httpx.Client, path: str, body: dict[str, Any]) -> list[str]:
+    """The data of each server-sent event of a streamed response (a 200)."""
+    with http.stream("POST", path, json=body) as response:
+        assert response.status_code == 200
+        return [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+
+
 def test_a_deadline_ends_a_stream_with_an_error_event_when_it_passes(
-    client: httpx.Client, stack: tuple[TritonServer, Path]
+    gateway: str, client: httpx.Client, stack: tuple[TritonServer, Path]
 ) -> None:
     triton, _ = stack
     before = llm_outcomes(triton, "hasty_llm")
-    body = {"model": "hasty_llm", "prompt": "Tell me everything", "max_tokens": 1900, "temperature": 0,
+    counted_before = deadlines_counted(gateway, "hasty_llm")
+    body = {"model": "hasty_llm", "prompt": LONG_PROMPT, "max_tokens": 1900, "temperature": 0,
             "stream": True}
-    events = []
-    with client.stream("POST", "/v1/completions", json=body) as response:
-        assert response.status_code == 200
-        for line in response.iter_lines():
-            if line.startswith("data: "):
-                events.append(line.removeprefix("data: "))
+    events = stream_events(client, "/v1/completions", body)
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]
     assert error["code"] == "deadline_exceeded"
     assert len(events) > 3  # it streamed text first
+    assert deadlines_counted(gateway, "hasty_llm") - counted_before == 1
     wait_for_end(triton, "hasty_llm", before)
+
+
+def test_a_total_timeout_passing_mid_stream_is_counted_as_a_deadline_when_it_ends_the_stream(
+    settings: GatewaySettings, stack: tuple[TritonServer, Path]
+) -> None:
+    triton, _ = stack
+    llm = settings.routes["llm_service"]
+    # Only the gateway's deadline is cut (Triton's inference_timeout stays 5 s): the stream outlives it.
+    hurried = replace(settings, routes={**settings.routes,
+                                        "llm_service": llm.model_copy(update={"total_timeout": 0.5})})
+    before = llm_outcomes(triton, "llm_service")
+    body = {"model": "llm_service", "prompt": LONG_PROMPT, "max_tokens": 1900, "temperature": 0,
+            "stream": True}
+    with GatewayServer(hurried) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        events = stream_events(http, "/v1/completions", body)
+        counted = deadlines_counted(server.url, "llm_service")
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "deadline_exceeded"
+    assert len(events) > 3  # it streamed text first
+    assert counted == 1
+    wait_for_end(triton, "llm_service", before)
 
 
 def test_total_timeout_counts_from_arrival_when_the_body_arrives_slowly(gateway: str) -> None:
@@ -533,7 +586,7 @@ def test_client_disconnect_cancels_the_generation_when_a_stream_is_dropped(
 ) -> None:
     triton, _ = stack
     before = llm_outcomes(triton, "llm_service")
-    body = json.dumps({"model": "llm_service", "prompt": "Tell me everything", "max_tokens": 1900,
+    body = json.dumps({"model": "llm_service", "prompt": LONG_PROMPT, "max_tokens": 1900,
                        "temperature": 0, "stream": True}).encode()
     host, port = gateway.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as sock:
@@ -572,7 +625,9 @@ def test_unreachable_triton_becomes_503_when_the_gateway_cannot_connect(settings
         response = httpx.post(f"{server.url}/v1/embeddings", json={"model": "embedding_service", "input": "x"},
                               headers={"cache-control": "no-cache"}, timeout=10)
         assert response.status_code == 503 and error_of(response)["code"] == "unavailable"
-        assert httpx.get(f"{server.url}/ready", timeout=10).status_code == 503
+        ready = httpx.get(f"{server.url}/ready", timeout=10)
+        assert ready.status_code == 503 and ready.headers["retry-after"] == "1"
+        assert error_of(ready)["code"] == "unavailable"
 
 
 # ---- safety ---------------------------------------------------------------------------------------------------------
@@ -627,3 +682,6 @@ def test_bad_chat_and_rerank_requests_name_the_field_when_sent(client: httpx.Cli
     assert rerank.status_code == 422 and error_of(rerank)["param"] == "documents"
     wrong_kind = client.post("/v1/rerank", json={"model": "llm_service", "query": "q", "documents": ["d"]})
     assert wrong_kind.status_code == 404
+    for huge in (1e30, 1e10):  # whole floats: counts to pydantic, overflows to the INT32 max_tokens tensor
+        overflow = client.post("/v1/completions", json={"model": "llm_service", "prompt": "hi", "max_tokens": huge})
+        assert overflow.status_code == 422 and error_of(overflow)["param"] == "max_tokens"
