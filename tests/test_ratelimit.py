@@ -8,18 +8,29 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
+from limits.aio.storage import RedisStorage
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
+from redis.asyncio import ConnectionPool
 
 from gateway import ratelimit
 from gateway.errors import Unavailable
-from gateway.ratelimit import Decision, RateLimiter, RateLimitStorageError, limit_for_rate, storage_uri
+from gateway.ratelimit import (
+    REDIS_KEY_PREFIX,
+    Decision,
+    RateLimiter,
+    RateLimitStorageError,
+    SlidingWindow,
+    decide,
+    limit_for_rate,
+    seconds_until_free,
+)
 from tests.redis_server import REDIS_SERVER, free_port, running_redis
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-
 
 BACKENDS = ["memory", pytest.param("redis", marks=pytest.mark.integration)]
 
@@ -42,6 +53,27 @@ async def _acquire_n(limiter: RateLimiter, bucket: str, rate: float, n: int) -> 
     return [await limiter.acquire(bucket, rate) for _ in range(n)]
 
 
+def _memory_storage(limiter: RateLimiter) -> ratelimit.SweptMemoryStorage:
+    store = limiter._store
+    assert isinstance(store, ratelimit.MemoryWindows)
+    return store.storage
+
+
+def _counters_of(storage: ratelimit.SweptMemoryStorage, bucket: str) -> list[str]:
+    return [key for key in storage.storage if f"/{bucket}/" in key]
+
+
+async def _room_in_window(window_s: int, room_s: float) -> None:
+    """Wait for the next window if fewer than ``room_s`` seconds are left in this one.
+
+    Memory windows are aligned on the epoch (Redis windows start with a fresh bucket's first admission): a test
+    that needs its acquires inside one window, or a known time into it, starts here.
+    """
+    left = window_s - time.time() % window_s
+    if left < room_s:
+        await asyncio.sleep(left + 0.01)
+
+
 @pytest.mark.parametrize(
     ("rate", "amount", "window_s"),
     [(100, 100, 1), (20, 20, 1), (2.5, 5, 2), (0.5, 1, 2), (1 / 3, 1, 3), (0.3, 3, 10), (7.3, 22, 3), (0.01, 1, 100)],
@@ -60,13 +92,33 @@ def test_limit_for_rate_raises_when_rate_is_not_positive_and_finite(rate: float)
         limit_for_rate(rate)
 
 
-def test_storage_uri_maps_redis_urls_when_given_and_memory_when_none() -> None:
-    assert storage_uri(None) == "async+memory://"
-    assert storage_uri("redis://h:6379/2") == "async+redis://h:6379/2"
-    assert storage_uri("rediss://h:6380/0") == "async+rediss://h:6380/0"
-    assert storage_uri("unix:///run/redis.sock") == "async+redis+unix:///run/redis.sock"
+def test_from_url_raises_when_url_is_not_redis() -> None:
     with pytest.raises(ValueError, match="redis://"):
-        storage_uri("http://h:6379")
+        RateLimiter.from_url("http://h:6379")
+
+
+def test_seconds_until_free_waits_for_the_previous_window_to_fade_when_it_holds_the_budget() -> None:
+    # 10 per 1 s, half-way through the window: the previous 10 weigh 5, the current window holds 5.
+    window = SlidingWindow(previous_count=10, previous_ttl=0.5, current_count=5, current_ttl=1.5)
+    assert seconds_until_free(window, limit=10, expiry=1, units=1) == pytest.approx(0.0)
+    assert seconds_until_free(window, limit=10, expiry=1, units=3) == pytest.approx(0.2)  # 10 x (0.5 - t) < 3
+
+
+def test_seconds_until_free_waits_past_the_window_end_when_the_current_window_holds_the_budget() -> None:
+    # 5 per 2 s, 1 s into the window, all 5 spent in it: they weigh 5 x (2 - s) / 2 into the next window.
+    window = SlidingWindow(previous_count=0, previous_ttl=0.0, current_count=5, current_ttl=3.0)
+    assert seconds_until_free(window, limit=5, expiry=2, units=1) == pytest.approx(1.0)
+    assert seconds_until_free(window, limit=5, expiry=2, units=3) == pytest.approx(1.8)
+    assert seconds_until_free(window, limit=5, expiry=2, units=6) == pytest.approx(3.0)  # never fits: all back
+
+
+def test_decide_reports_remaining_as_limit_minus_weighted_count_when_both_windows_hold_requests() -> None:
+    item = limit_for_rate(10)
+    allowed = decide(True, SlidingWindow(7, 0.5, 2, 1.5), item, 1)
+    assert (allowed.remaining, allowed.limit, allowed.window_s) == (10 - 3 - 2, 10, 1)
+    refused = decide(False, SlidingWindow(10, 0.5, 5, 1.5), item, 3)
+    assert refused.remaining == 0 and refused.reset_after == pytest.approx(0.2)
+    assert refused.headers()["Retry-After"] == "1"
 
 
 def test_decision_headers_add_retry_after_of_at_least_one_second_when_denied() -> None:
@@ -85,6 +137,7 @@ def test_acquire_allows_until_budget_is_spent_then_denies_when_over_budget(
     backend_url: str | None, bucket: str
 ) -> None:
     async def scenario() -> list[Decision]:
+        await _room_in_window(1, 0.5)
         limiter = RateLimiter.from_url(backend_url)
         try:
             return await _acquire_n(limiter, bucket, 3, 4)
@@ -104,22 +157,52 @@ def test_acquire_allows_until_budget_is_spent_then_denies_when_over_budget(
     }
 
 
-def test_acquire_frees_exactly_the_budget_when_denied_requests_were_made_meanwhile(
+def test_acquire_spends_amount_units_and_refuses_them_whole_when_fewer_remain(
+    backend_url: str | None, bucket: str
+) -> None:
+    async def scenario() -> list[Decision]:
+        await _room_in_window(1, 0.5)
+        limiter = RateLimiter.from_url(backend_url)
+        try:
+            return [await limiter.acquire(bucket, 5, amount) for amount in (3, 3, 6, 2, 1)]
+        finally:
+            await limiter.close()
+
+    decisions = asyncio.run(scenario())
+    # 3 of 5 spent; 3 more refused whole (and 6, more than the limit, always), spending nothing; 2 then fit.
+    assert [(d.allowed, d.remaining) for d in decisions] == [(True, 2), (False, 2), (False, 2), (True, 0), (False, 0)]
+    assert all("Retry-After" in d.headers() for d in decisions if not d.allowed)
+
+
+def test_acquire_raises_when_amount_is_below_one(bucket: str) -> None:
+    async def scenario() -> None:
+        limiter = RateLimiter.from_url(None)
+        try:
+            await limiter.acquire(bucket, 5, 0)
+        finally:
+            await limiter.close()
+
+    with pytest.raises(ValueError, match="amount must be at least 1"):
+        asyncio.run(scenario())
+
+
+def test_acquire_weights_the_previous_window_and_not_refused_requests_when_the_window_turns(
     backend_url: str | None, bucket: str
 ) -> None:
     async def scenario() -> tuple[list[bool], list[bool], list[bool]]:
+        await _room_in_window(2, 1.9)  # 2.5/s is 5 per 2 s: start at a window's start
         limiter = RateLimiter.from_url(backend_url)
         try:
             start = time.monotonic()
-            first = [d.allowed for d in await _acquire_n(limiter, bucket, 5, 5)]
-            # Refused requests spread over the first window: were any recorded, they would still fill the
-            # window when the five admissions have left it.
+            first = [d.allowed for d in await _acquire_n(limiter, bucket, 2.5, 5)]
             denied = []
             for _ in range(10):
                 await asyncio.sleep(0.05)
-                denied.append((await limiter.acquire(bucket, 5)).allowed)
-            await asyncio.sleep(max(0.0, start + 1.1 - time.monotonic()))
-            again = [d.allowed for d in await _acquire_n(limiter, bucket, 5, 6)]
+                denied.append((await limiter.acquire(bucket, 2.5)).allowed)
+            # Half-way through the next window the previous window's 5 weigh floor(2.5) = 2, leaving 3; had the 10
+            # refusals counted, its 15 would weigh 7, over the limit.
+            await asyncio.sleep(max(0.0, start + 3.0 - time.monotonic()))
+            again = [d.allowed for d in await _acquire_n(limiter, bucket, 2.5, 6)]
             return first, denied, again
         finally:
             await limiter.close()
@@ -127,13 +210,14 @@ def test_acquire_frees_exactly_the_budget_when_denied_requests_were_made_meanwhi
     first, denied, again = asyncio.run(scenario())
     assert first == [True] * 5
     assert denied == [False] * 10
-    assert again == [True] * 5 + [False]
+    assert again == [True] * 3 + [False] * 3
 
 
 def test_acquire_admits_exactly_the_budget_when_requests_arrive_concurrently(
     backend_url: str | None, bucket: str
 ) -> None:
     async def scenario() -> list[Decision]:
+        await _room_in_window(1, 0.5)  # within one window the counter is exact
         limiter = RateLimiter.from_url(backend_url)
         try:
             return list(await asyncio.gather(*(limiter.acquire(bucket, 10) for _ in range(50))))
@@ -144,16 +228,17 @@ def test_acquire_admits_exactly_the_budget_when_requests_arrive_concurrently(
 
 
 def test_memory_storage_sweeps_at_most_once_per_interval_when_requests_are_frequent(bucket: str) -> None:
-    # limits' own memory storage starts a sweep (a worker-thread hop) after nearly every hit; this fails if a
-    # limits release renames the private scheduler that SweptMemoryStorage overrides.
+    # limits' own memory storage starts a sweep (a walk over every counter) after nearly every admission; this
+    # fails if a limits release renames the private scheduler that SweptMemoryStorage overrides.
     async def scenario() -> set[int]:
         limiter = RateLimiter.from_url(None)
+        storage = _memory_storage(limiter)
         try:
             sweeps = set()
             for _ in range(300):
                 await limiter.acquire(bucket, 1000)
                 await asyncio.sleep(0)  # let a started sweep finish, as it would between requests
-                sweeps.add(id(limiter._storage.timer))
+                sweeps.add(id(storage.timer))
             return sweeps
         finally:
             await limiter.close()
@@ -161,27 +246,88 @@ def test_memory_storage_sweeps_at_most_once_per_interval_when_requests_are_frequ
     assert len(asyncio.run(scenario())) == 1
 
 
-def test_memory_storage_still_drops_admissions_that_left_their_window(
+def test_memory_storage_still_drops_counters_whose_windows_have_passed(
     bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(ratelimit, "SWEEP_INTERVAL_S", 0.1)
 
-    async def scenario() -> tuple[int, int]:
+    async def scenario() -> tuple[list[str], list[str]]:
+        await _room_in_window(1, 0.5)
         limiter = RateLimiter.from_url(None)
+        storage = _memory_storage(limiter)
         try:
             await _acquire_n(limiter, bucket, 50, 40)
-            storage = limiter._storage
-            assert isinstance(storage, ratelimit.SweptMemoryStorage)
-            before = sum(len(events) for events in storage.events.values())
-            await asyncio.sleep(1.2)  # past the 1 s window and the sweep interval
-            await limiter.acquire(bucket, 50)  # the hit that starts the next sweep
+            before = _counters_of(storage, bucket)
+            await asyncio.sleep(2.2)  # a counter lives two windows (limits' rule), then the sweep interval
+            await limiter.acquire(bucket, 50)  # the admission that starts the next sweep
             await asyncio.sleep(0.1)
-            return before, sum(len(events) for events in storage.events.values())
+            return before, _counters_of(storage, bucket)
         finally:
             await limiter.close()
 
     before, after = asyncio.run(scenario())
-    assert (before, after) == (40, 1)
+    assert len(before) == 1 and len(after) == 1 and after != before
+
+
+def test_memory_storage_keeps_a_counter_per_window_not_per_admission_when_the_rate_is_a_million(bucket: str) -> None:
+    async def scenario() -> tuple[int, list[str], int]:
+        limiter = RateLimiter.from_url(None)
+        storage = _memory_storage(limiter)
+        try:
+            admitted = sum([(await limiter.acquire(bucket, 1_000_000)).allowed for _ in range(20_000)])
+            return admitted, _counters_of(storage, bucket), len(storage.events)
+        finally:
+            await limiter.close()
+
+    admitted, counters, moving_window_entries = asyncio.run(scenario())
+    assert admitted == 20_000
+    # One counter per window the run touched (the sweep drops them two windows on); none per admission.
+    assert 1 <= len(counters) <= 3 and moving_window_entries == 0
+
+
+@pytest.mark.integration
+def test_redis_keeps_two_small_counters_per_bucket_when_the_rate_is_a_million(redis_url: str, bucket: str) -> None:
+    # The regression test for a cost that grows with the limit: a moving window kept one list entry per admission
+    # (5,000 admissions: a 90 kB list); the counter keeps two integers.
+    async def scenario() -> int:
+        limiter = RateLimiter.from_url(redis_url)
+        try:
+            return sum([(await limiter.acquire(bucket, 1_000_000)).allowed for _ in range(5_000)])
+        finally:
+            await limiter.close()
+
+    assert asyncio.run(scenario()) == 5_000
+    with redis.Redis.from_url(redis_url) as client:
+        keys = [key for key in client.scan_iter(match=f"{REDIS_KEY_PREFIX}:*") if f"/{bucket}/".encode() in key]
+        assert 1 <= len(keys) <= 2
+        assert {client.type(key) for key in keys} == {b"string"}
+        assert sum(int(client.memory_usage(key) or 0) for key in keys) < 512
+
+
+@pytest.mark.integration
+def test_acquire_shares_limits_own_sliding_window_when_limits_reads_the_same_redis(redis_url: str, bucket: str) -> None:
+    # The script is limits' acquire_sliding_window.lua returning its counters: limits' own strategy must see,
+    # and spend, the same budget on the same keys.
+    async def scenario() -> tuple[int, bool, Decision, bool]:
+        limiter = RateLimiter.from_url(redis_url)
+        pool = ConnectionPool.from_url(redis_url)
+        options: dict[str, Any] = {"connection_pool": pool}  # limits types its options as scalars
+        storage = RedisStorage(f"async+{redis_url}", implementation="redispy", key_prefix=REDIS_KEY_PREFIX, **options)
+        strategy = SlidingWindowCounterRateLimiter(storage)
+        item = limit_for_rate(3)
+        try:
+            await _acquire_n(limiter, bucket, 3, 2)
+            remaining = (await strategy.get_window_stats(item, bucket)).remaining
+            limits_hit = await strategy.hit(item, bucket)
+            ours = await limiter.acquire(bucket, 3)
+            return remaining, limits_hit, ours, await strategy.hit(item, bucket)
+        finally:
+            await limiter.close()
+            await pool.aclose()
+
+    remaining, limits_hit, ours, limits_hit_again = asyncio.run(scenario())
+    assert (remaining, limits_hit, limits_hit_again) == (1, True, False)
+    assert not ours.allowed and ours.remaining == 0
 
 
 async def _offer_load(limiter: RateLimiter, bucket: str, rate: float, offered_rate: float, duration_s: float) -> int:
@@ -199,6 +345,7 @@ def test_acquire_admits_configured_rate_within_10_percent_when_offered_3x_in_mem
     async def scenario() -> int:
         limiter = RateLimiter.from_url(None)
         try:
+            await _room_in_window(1, 1.0)  # whole windows: a partial first one would count a second budget
             return await _offer_load(limiter, bucket, rate, 3 * rate, duration_s)
         finally:
             await limiter.close()
@@ -233,6 +380,7 @@ def test_acquire_counts_a_fractional_rate_over_a_longer_window_when_rate_is_2_5(
     backend_url: str | None, bucket: str
 ) -> None:
     async def scenario() -> list[Decision]:
+        await _room_in_window(2, 1.5)
         limiter = RateLimiter.from_url(backend_url)
         try:
             return await _acquire_n(limiter, bucket, 2.5, 6)
@@ -242,7 +390,7 @@ def test_acquire_counts_a_fractional_rate_over_a_longer_window_when_rate_is_2_5(
     decisions = asyncio.run(scenario())
     assert [d.allowed for d in decisions] == [True] * 5 + [False]
     assert decisions[-1].limit == 5 and decisions[-1].window_s == 2
-    assert 1.0 < decisions[-1].reset_after <= 2.0
+    assert 1.0 < decisions[-1].reset_after <= 2.0  # the window's end, when its 5 start to fade
     assert decisions[-1].headers()["Retry-After"] == "2"
 
 
