@@ -1,4 +1,5 @@
-"""What every Sluice model.py needs from Triton's Python backend: its settings, its inputs, error responses.
+"""What every Sluice model.py needs from Triton's Python backend: its settings, its inputs, error responses, and
+for the encoders the start-by check and the warm-up.
 
 Imports ``triton_python_backend_utils``, which exists only inside Triton's Python stub.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -16,12 +18,22 @@ import numpy.typing as npt
 import triton_python_backend_utils as pb_utils
 
 from runtimes.parameters import RuntimeParameters
-from runtimes.signatures import TOKENS, TRUNCATED
+from runtimes.signatures import START_BY_PARAMETER, TOKENS, TRUNCATED
 
 if TYPE_CHECKING:  # onnxruntime stays out of the LLM model's process
     from runtimes.encoders import Encoded, OnnxEncoder
 
 Row = TypeVar("Row")
+
+# Triton's own message for a request its queue policy timed out (core scheduler_utils.cc), with its code,
+# UNAVAILABLE (gRPC UNAVAILABLE, HTTP 503): a client maps an expired start-by and a queue timeout alike.
+EXPIRED_MESSAGE = "Request timeout expired"
+
+# onnxruntime runs a new largest shape slowly twice: each of the first two runs grows its arena by the whole
+# activation size (measured on 2 cores: MiniLM 64 x 256 tokens +470 MB each; the tiny cross-encoder 16 x 512 +75 MB,
+# its first full request after start 0.19 s instead of 0.05 s); from the third run on, that shape and every smaller
+# one allocate nothing (tests/test_expiry.py reads the stub's peak RSS).
+WARMUP_RUNS = 2
 
 
 def model_parameters(args: Mapping[str, str], *, llm: bool = False) -> RuntimeParameters:
@@ -72,13 +84,89 @@ def request_value(request: Any, name: str) -> Any:
 def error_response(message: str, *, internal: bool = False) -> Any:
     """A response carrying only an error. The default, INVALID_ARG, is the client's fault (Triton's HTTP API
     answers 400); ``internal`` is the server's (500)."""
-    code = pb_utils.TritonError.INTERNAL if internal else pb_utils.TritonError.INVALID_ARG
+    return _error(message, pb_utils.TritonError.INTERNAL if internal else pb_utils.TritonError.INVALID_ARG)
+
+
+def _error(message: str, code: Any) -> Any:
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
 
 
 def column(values: npt.ArrayLike, dtype: Any) -> npt.NDArray[Any]:
     """Rows as a [rows, 1] array, the shape of a ``dims: [1]`` output with a batch dimension."""
     return np.asarray(values, dtype=dtype).reshape(-1, 1)
+
+
+def is_expired(parameters: Mapping[str, Any], now_us: int) -> bool:
+    """Whether a request's start-by (``START_BY_PARAMETER``: time.time() microseconds) had passed at ``now_us``.
+
+    ``parameters`` is the request's parameters, parsed (``json.loads(request.parameters())``). A request without a
+    start-by never expires; one whose start-by is not an integer is a ValueError naming the parameter.
+    """
+    start_by = parameters.get(START_BY_PARAMETER)
+    if start_by is None:
+        return False
+    if isinstance(start_by, bool) or not isinstance(start_by, int):
+        raise ValueError(
+            f"parameter {START_BY_PARAMETER!r} must be an integer (microseconds since the epoch), got {start_by!r}"
+        )
+    return start_by < now_us
+
+
+class Expiry:
+    """The start-by check at the top of an encoder's ``execute``: a request whose start-by has passed is answered
+    UNAVAILABLE "Request timeout expired" at once, through its response sender, and is not computed; it is counted
+    on Triton's /metrics as ``sluice_requests_expired_total{model}``."""
+
+    def __init__(self, model_name: str) -> None:
+        family = pb_utils.MetricFamily(
+            name="sluice_requests_expired_total",
+            description=f"Requests answered UNAVAILABLE without being computed: their {START_BY_PARAMETER} had passed",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        # The family must outlive its metric: Triton drops a family's values when the family is deleted.
+        self._family = family
+        self._expired = family.Metric(labels={"model": model_name})
+
+    def serve(self, requests: list[Any], respond: Callable[[list[Any]], list[Any]]) -> list[Any]:
+        """``respond``'s responses to the requests still worth computing, and None (Triton's mark for "answered
+        through the response sender") for the others."""
+        now_us = time.time_ns() // 1_000
+        refused = [self._refuse(request, now_us) for request in requests]
+        if not any(refused):
+            return respond(requests)
+        live = [request for request, done in zip(requests, refused, strict=True) if not done]
+        responses = iter(respond(live) if live else [])
+        return [None if done else next(responses) for done in refused]
+
+    def _refuse(self, request: Any, now_us: int) -> bool:
+        """Answers ``request`` at once, through its response sender, when its start-by has passed (UNAVAILABLE,
+        counted) or is not an integer (INVALID_ARG); whether it did."""
+        try:
+            if not is_expired(json.loads(request.parameters()), now_us):
+                return False
+            response = _error(EXPIRED_MESSAGE, pb_utils.TritonError.UNAVAILABLE)
+            self._expired.increment(1)
+        except ValueError as error:
+            response = error_response(str(error))
+        request.get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return True
+
+
+def warm_up(args: Mapping[str, str], run: Callable[[int], Encoded]) -> None:
+    """Runs the encoder at load on the largest input it can be given, ``run(max_batch_size)`` (rows of max_length
+    tokens), WARMUP_RUNS times, so that the first real request of any size runs warm; logs how long it took."""
+    model_config = json.loads(args["model_config"])
+    rows = max(1, int(model_config.get("max_batch_size", 1)))
+    seconds = []
+    for _ in range(WARMUP_RUNS):
+        started = time.perf_counter()
+        encoded = run(rows)
+        seconds.append(time.perf_counter() - started)
+    pb_utils.Logger.log_info(
+        f"{args['model_name']}: warmed up on {rows} rows of {int(encoded.tokens.max())} tokens in "
+        + " + ".join(f"{took:.3f}" for took in seconds)
+        + " s"
+    )
 
 
 def encoder_responses(

@@ -1,6 +1,7 @@
 """Triton Python-backend model of an embedding service; the compiler copies it to ``<service>/1/model.py``.
 
-Every row of every request in one ``execute`` (Triton's dynamic batch) goes through one OnnxEncoder call.
+Every row of every request in one ``execute`` (Triton's dynamic batch) goes through one OnnxEncoder call, but a
+request whose start-by (``START_BY_PARAMETER``) has passed is answered UNAVAILABLE first and not computed.
 Tensor contract: ``EMBEDDING_INPUTS`` / ``EMBEDDING_OUTPUTS`` in ``runtimes/signatures.py``.
 """
 
@@ -8,15 +9,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from runtimes._triton import encoder_responses, load_encoder, request_strings
+from runtimes._triton import Expiry, encoder_responses, load_encoder, request_strings, warm_up
+from runtimes.encoders import long_texts
 from runtimes.signatures import EMBEDDING, TEXT
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         self.encoder = load_encoder(args)
+        self.expiry = Expiry(args["model_name"])
+        warm_up(args, lambda rows: self.encoder.encode_texts(long_texts(rows, self.encoder.max_length)))
 
     def execute(self, requests: list[Any]) -> list[Any]:
+        return self.expiry.serve(requests, self._embed)
+
+    def _embed(self, requests: list[Any]) -> list[Any]:
         return encoder_responses(
             requests, lambda request: request_strings(request, TEXT), self.encoder.encode_texts, EMBEDDING
         )

@@ -53,6 +53,7 @@ class OnnxEncoder:
         self.tokenizer = Tokenizer.from_file(str(artifacts / "tokenizer.json"))
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length)
+        self.max_length = max_length
         self.session = session
         self.input_names = {graph_input.name for graph_input in session.get_inputs()}
         self.output_name = session.get_outputs()[0].name
@@ -104,11 +105,19 @@ def _buckets(sorted_lengths: npt.NDArray[np.int32]) -> list[slice]:
     return buckets
 
 
+def long_texts(count: int, max_length: int, prefix: str = "") -> list[str]:
+    """``count`` distinct texts that each tokenize to at least ``max_length`` tokens (truncation cuts them to it):
+    the longest rows a request can bring, for the warm-up. Distinct, so that cosine_scores embeds every one."""
+    return [f"{prefix}{i} " + "warm " * max_length for i in range(count)]
+
+
 def cosine_scores(encoder: OnnxEncoder, pairs: Sequence[tuple[str, str]]) -> Encoded:
     """Rerank with a sentence-embedding model: cosine similarity of query and document embeddings.
 
     Embeddings are normalised in the graph, so the cosine is a dot product. Each distinct text is embedded once.
     """
+    if not pairs:  # every request of the batch refused: the einsum below needs [rows, dim] embeddings
+        return Encoded(np.zeros((0,), np.float32), np.zeros((0,), np.int32), np.zeros((0,), np.bool_))
     texts = sorted({text for pair in pairs for text in pair})
     index = {text: i for i, text in enumerate(texts)}
     embedded = encoder.encode_texts(texts)

@@ -2,7 +2,8 @@
 
 Rows are (query, document) pairs. The exported graph says how they are scored: a cross-encoder's graph returns
 ``score`` (one relevance logit per pair); a sentence-embedding model's returns ``embedding``, and a pair scores the
-cosine of its two embeddings. Tensor contract: ``RERANKER_INPUTS`` / ``RERANKER_OUTPUTS`` in ``runtimes/signatures.py``.
+cosine of its two embeddings. A request whose start-by (``START_BY_PARAMETER``) has passed is answered UNAVAILABLE
+and not computed. Tensor contract: ``RERANKER_INPUTS`` / ``RERANKER_OUTPUTS`` in ``runtimes/signatures.py``.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from runtimes._triton import encoder_responses, load_encoder, request_strings
-from runtimes.encoders import cosine_scores
+from runtimes._triton import Expiry, encoder_responses, load_encoder, request_strings, warm_up
+from runtimes.encoders import Encoded, cosine_scores, long_texts
 from runtimes.signatures import DOCUMENT, EMBEDDING, QUERY, SCORE
 
 
@@ -27,6 +28,14 @@ class TritonPythonModel:
         self.encoder = load_encoder(args)
         cosine = self.encoder.output_name == EMBEDDING
         self.score = partial(cosine_scores, self.encoder) if cosine else self.encoder.encode_pairs
+        self.expiry = Expiry(args["model_name"])
+        warm_up(args, self._score_long_pairs)
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        return encoder_responses(requests, _pairs, self.score, SCORE)
+        return self.expiry.serve(requests, lambda live: encoder_responses(live, _pairs, self.score, SCORE))
+
+    def _score_long_pairs(self, rows: int) -> Encoded:
+        """``rows`` pairs of a query and a document of max_length tokens each, all distinct: the largest input."""
+        length = self.encoder.max_length
+        queries, documents = long_texts(rows, length, "query "), long_texts(rows, length, "document ")
+        return self.score(list(zip(queries, documents, strict=True)))

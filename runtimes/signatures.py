@@ -72,3 +72,8 @@ SIGNATURES: dict[str, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] = {
 def output_names(service_type: str) -> tuple[str, ...]:
     """Every output of ``service_type``, in the contract's order: what a client asks Triton for."""
     return tuple(tensor.name for tensor in SIGNATURES[service_type][1])
+
+# A request parameter, not a tensor: the wall-clock moment (integer microseconds since the epoch, time.time()) by
+# which the request's batch must start. A runtime refuses a request whose start-by has passed, uncomputed
+# ("Request timeout expired"). The gateway sets it on every embedding and rerank request; direct clients may.
+START_BY_PARAMETER = "sluice_start_by_us"
