@@ -6,6 +6,7 @@ Errors stop the compile; warnings are printed and the compile goes on.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -48,7 +49,10 @@ def check(config: Config, runtimes: Mapping[str, ResolvedRuntime], cpu_count: in
         at = f"services.{name}.runtime"
         errors += _timeout_errors(at, runtime)
         warnings += _strategy_warnings(at, runtime)
-        device = config.models[config.services[name].model].device
+        served = config.models[config.services[name].model]
+        if served.type != "llm":
+            warnings += _big_request_warnings(at, runtime, config.gateway.max_items)
+        device = served.device
         if device == "cpu" and runtime.worker_count > cores:
             warnings.append(ConfigIssue(
                 f"{at}.worker_count",
@@ -94,6 +98,27 @@ def _strategy_warnings(at: str, r: ResolvedRuntime) -> list[ConfigIssue]:
         warnings.append(ConfigIssue(
             f"{at}.batch_size",
             f"{r.batch_size} is larger than max_queue_size ({r.max_queue_size}): full batches can never form",
+        ))
+    return warnings
+
+
+def _big_request_warnings(at: str, r: ResolvedRuntime, max_items: int) -> list[ConfigIssue]:
+    """An embedding or rerank request of n items is ceil(n / batch_size) chunks: each waits in the queue, has its
+    own total_timeout and counts once toward rate_limit. Warn when the largest request the gateway accepts
+    (gateway.max_items) can never be admitted."""
+    chunks = math.ceil(max_items / r.batch_size)
+    warnings = []
+    if chunks > r.max_queue_size:
+        warnings.append(ConfigIssue(
+            f"{at}.max_queue_size",
+            f"{r.max_queue_size} is below the {chunks} chunks of a request of gateway.max_items = {max_items} items "
+            f"(batch_size {r.batch_size}): such a request is always refused (503)",
+        ))
+    if chunks > r.rate_limit:
+        warnings.append(ConfigIssue(
+            f"{at}.rate_limit",
+            f"{r.rate_limit:g}/s is below the {chunks} requests a request of gateway.max_items = {max_items} items "
+            f"counts as (batch_size {r.batch_size}): such a request may never fit the budget (413)",
         ))
     return warnings
 

@@ -36,7 +36,10 @@ class QueuePolicy:
 @dataclass(frozen=True)
 class DynamicBatching:
     max_queue_delay_microseconds: int
-    default_queue_policy: QueuePolicy
+    # None: no queue policy, so Triton keeps prefetching on. With one (max_queue_size, allow_timeout_override or a
+    # default timeout all turn prefetching off), 14 of 30 bursts of 9 single-row requests waited 0.4-1.0 s for a
+    # lost wake-up with the instance idle; 0 of 30 without (python -m benchmarks.burst_stall, docs/benchmarks.md).
+    default_queue_policy: QueuePolicy | None
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,6 @@ class TritonModelPlan:
     outputs: tuple[Tensor, ...]
     dynamic_batching: DynamicBatching
     instance_group: InstanceGroup
-    response_cache: bool
     decoupled: bool
     # Inputs fed once at load (model_warmup), so the first client does not pay onnxruntime's first-run cost.
     warmup_inputs: tuple[Tensor, ...]
@@ -82,7 +84,7 @@ class Enforcement:
     knob: str
     value: Any
     explicit: bool
-    where: str  # "triton" | "gateway" | "triton+gateway" | "none"
+    where: str  # "triton" | "gateway" | "triton+gateway" | "gateway+runtime" | "none"
     what: str
 
 
@@ -108,13 +110,16 @@ def plan_service(name: str, config: Config, runtime: ResolvedRuntime) -> Service
         max_batch_size=runtime.batch_size,
         inputs=inputs,
         outputs=outputs,
+        # An encoder's requests wait in the gateway, which holds batches for batch_timeout and enforces
+        # max_queue_size and queue_timeout itself (gateway/scheduler.py): Triton runs what it is sent at once.
+        # The LLM is scheduled by Triton until it has an engine of its own.
         dynamic_batching=DynamicBatching(
-            max_queue_delay_microseconds=microseconds(runtime.batch_timeout),
-            default_queue_policy=QueuePolicy(max_queue_size=runtime.max_queue_size),
+            max_queue_delay_microseconds=microseconds(runtime.batch_timeout) if decoupled else 0,
+            default_queue_policy=QueuePolicy(max_queue_size=runtime.max_queue_size) if decoupled else None,
         ),
         instance_group=_instance_group(model.device, runtime.worker_count),
-        # Triton refuses a response cache on decoupled models.
-        response_cache=runtime.enable_cache and not decoupled,
+        # No response_cache: Triton 2.51 caches error responses too, as answers without outputs, so a request
+        # refused once (expired, or bad input) would be answered empty ever after. The gateway caches per item.
         decoupled=decoupled,
         # Decoupled models take no warm-up; the LLM loads its weights eagerly anyway.
         warmup_inputs=() if decoupled else inputs,
@@ -125,6 +130,9 @@ def plan_service(name: str, config: Config, runtime: ResolvedRuntime) -> Service
         model=model_key,
         type=model.type,
         batch_size=runtime.batch_size,
+        batch_timeout=runtime.batch_timeout,
+        max_queue_size=runtime.max_queue_size,
+        instances=triton.instance_group.count * max(1, len(triton.instance_group.gpus)),
         rate_limit=runtime.rate_limit,
         total_timeout=runtime.total_timeout,
         inference_timeout=runtime.inference_timeout,
@@ -164,45 +172,62 @@ def enforcement(plan: ServicePlan) -> list[Enforcement]:
     ``what`` names the fields and mechanisms, never the values (``sluice explain`` shows those beside it), so the
     README's table is this function's output for each service type (tests/test_explain.py keeps them equal).
     """
-    t, r = plan.triton, plan.runtime
-    llm = plan.model.type == "llm"
-    group = t.instance_group
+    r, group = plan.runtime, plan.triton.instance_group
     placement = f"{group.kind} on GPUs {list(group.gpus)}" if group.gpus else group.kind
-    if llm:
-        batch = ("triton", "max_batch_size: one dynamic batch decodes together; the gateway sends one prompt a request")
-        deadline = (
-            "triton+gateway",
-            "each Triton call's deadline (queue_timeout + inference_timeout, then gRPC cancel and 504); "
-            "parameters.inference_timeout_s: the runtime stops generating (finish_reason timeout)",
-        )
-        cache = ("none", "nothing: completions are never cached (a decoupled model takes no response cache)")
-    else:
-        batch = (
-            "triton+gateway",
-            "max_batch_size; the gateway splits larger client batches and merges concurrent small requests up to it",
-        )
-        deadline = (
-            "gateway",
-            "each Triton call's deadline (queue_timeout + inference_timeout, then gRPC cancel and 504); "
-            "the ONNX run itself is not interrupted",
-        )
-        cache = ("triton+gateway", "when true: response_cache (per Triton request) + the gateway's per-item cache")
-    policy = "dynamic_batching.default_queue_policy.max_queue_size (REJECT: 503 at the gateway)"
-    rows = {
-        "batch_size": batch,
-        "batch_timeout": ("triton", "dynamic_batching.max_queue_delay_microseconds"),
-        "max_queue_size": ("triton", f"{policy}; counts Triton requests, not rows"),
-        "worker_count": ("triton", f"instance_group.count of {placement}; threads per instance = cores / count"),
-        "queue_timeout": (
-            "gateway",
-            "part of each Triton call's deadline (queue_timeout + inference_timeout); not sent to Triton, which "
-            "ignores a per-request timeout when its queue policy has no default (2.51)",
-        ),
-        "inference_timeout": deadline,
-        "total_timeout": ("gateway", "one deadline from arrival to the last byte, streams included (504)"),
-        "rate_limit": ("gateway", "requests per second per service (moving window; memory or Redis): 429"),
-        "enable_cache": cache,
-    }
+    deadline = "each Triton call's deadline (queue_timeout + inference_timeout, then gRPC cancel and 504)"
+    rows: dict[str, tuple[str, str]]
+    if plan.model.type == "llm":  # scheduled by Triton's dynamic batcher, one prompt a request
+        rows = {
+            "batch_size": ("triton", "max_batch_size: one dynamic batch decodes together"),
+            "batch_timeout": ("triton", "dynamic_batching.max_queue_delay_microseconds"),
+            "max_queue_size": ("triton", "dynamic_batching.default_queue_policy.max_queue_size (REJECT: 503)"),
+            "worker_count": ("triton", f"instance_group.count of {placement}"),
+            "queue_timeout": ("gateway", f"part of {deadline}"),
+            "inference_timeout": (
+                "triton+gateway",
+                f"{deadline}; parameters.inference_timeout_s: the runtime stops generating (finish_reason timeout)",
+            ),
+            "total_timeout": ("gateway", "one deadline from arrival to the last byte, the stream included (504)"),
+            "rate_limit": ("gateway", "requests per second per service (memory or Redis): 429"),
+            "enable_cache": ("none", "nothing: completions are never cached (a decoupled model has no response cache)"),
+        }
+    else:  # queued in the gateway (gateway/scheduler.py), one call per model instance in flight
+        rows = {
+            "batch_size": (
+                "triton+gateway",
+                "max_batch_size; a request goes as chunks of at most this many items, batched with other waiting "
+                "chunks up to it",
+            ),
+            "batch_timeout": (
+                "gateway", "a batch that is not full waits this long for company (Triton's max_queue_delay is 0)"
+            ),
+            "max_queue_size": (
+                "gateway",
+                "chunks waiting in the gateway; beyond it 503 at once (no Triton queue policy: it stalls bursts)",
+            ),
+            "worker_count": (
+                "triton+gateway",
+                f"instance_group.count of {placement}; the gateway keeps one call per instance in flight",
+            ),
+            "queue_timeout": (
+                "gateway+runtime",
+                "a chunk not sent by then gets 503 (an arrival that cannot be, at once); each Triton request "
+                "carries it as sluice_start_by_us and the runtime refuses it uncomputed once passed",
+            ),
+            "inference_timeout": ("gateway", f"{deadline}; the ONNX run itself is not interrupted"),
+            "total_timeout": (
+                "gateway",
+                "per batch_size items: n items have ceil(n / batch_size) x total_timeout, arrival to last byte (504)",
+            ),
+            "rate_limit": (
+                "gateway", "requests per second per service (memory or Redis); n items count ceil(n / batch_size): 429"
+            ),
+            "enable_cache": (
+                "gateway",
+                "when true: the gateway's per-item cache (memory or Redis); no Triton response_cache, which 2.51 "
+                "fills with error responses as empty answers",
+            ),
+        }
     return [
         Enforcement(knob, getattr(r, knob), knob in r.explicit, *rows[knob]) for knob in RUNTIME_KNOBS
     ]

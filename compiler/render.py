@@ -55,8 +55,6 @@ def render_model_config(model: TritonModelPlan) -> str:
         render_dynamic_batching(model.dynamic_batching),
         render_instance_group(model.instance_group),
     ]
-    if model.response_cache:
-        sections.append(render_response_cache())
     if model.decoupled:
         sections.append(render_transaction_policy())
     if model.warmup_inputs:
@@ -80,17 +78,17 @@ def render_tensors(kind: str, tensors: tuple[Tensor, ...]) -> str:
 
 
 def render_dynamic_batching(batching: DynamicBatching) -> str:
+    lines = ["dynamic_batching {", f"  max_queue_delay_microseconds: {batching.max_queue_delay_microseconds}"]
     policy = batching.default_queue_policy
-    return (
-        "dynamic_batching {\n"
-        f"  max_queue_delay_microseconds: {batching.max_queue_delay_microseconds}\n"
-        "  default_queue_policy {\n"
-        f"    timeout_action: {policy.timeout_action}\n"
-        f"    allow_timeout_override: {_bool(policy.allow_timeout_override)}\n"
-        f"    max_queue_size: {policy.max_queue_size}\n"
-        "  }\n"
-        "}"
-    )
+    if policy is not None:
+        lines += [
+            "  default_queue_policy {",
+            f"    timeout_action: {policy.timeout_action}",
+            f"    allow_timeout_override: {_bool(policy.allow_timeout_override)}",
+            f"    max_queue_size: {policy.max_queue_size}",
+            "  }",
+        ]
+    return "\n".join([*lines, "}"])
 
 
 def render_instance_group(group: InstanceGroup) -> str:
@@ -98,10 +96,6 @@ def render_instance_group(group: InstanceGroup) -> str:
     if group.gpus:
         lines.append(f"    gpus: [ {', '.join(map(str, group.gpus))} ]")
     return "instance_group [\n  {\n" + "\n".join(lines) + "\n  }\n]"
-
-
-def render_response_cache() -> str:
-    return "response_cache {\n  enable: true\n}"
 
 
 def render_transaction_policy() -> str:

@@ -6,6 +6,7 @@ Every endpoint goes through ``admit`` once it knows the service, and runs its wo
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -15,8 +16,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
+from sluice.manifest import Route
+
 from .errors import BadRequest, DeadlineExceeded, GatewayError, PayloadTooLarge, RateLimited, Unprocessable
-from .settings import Route
+from .ratelimit import limit_for_rate
 
 if TYPE_CHECKING:
     from .state import Gateway
@@ -30,10 +33,12 @@ _NOT_FIELDS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 @dataclass
 class Call:
-    """One admitted request: its service, the moment its total deadline passes, and headers for the response."""
+    """One admitted request: its service, when it arrived, the moment its total deadline passes, and headers for the
+    response."""
 
     route: Route
-    expires: float  # time.monotonic() at which total_timeout runs out
+    arrival: float  # time.monotonic() at arrival
+    expires: float  # time.monotonic() at which its total_timeout budget runs out
     headers: dict[str, str] = field(default_factory=dict)
 
     def remaining(self) -> float:
@@ -50,9 +55,8 @@ class Call:
         return _Deadline(self)
 
     def expired(self) -> DeadlineExceeded:
-        return DeadlineExceeded(
-            f"{self.route.service} did not finish within its total_timeout of {self.route.total_timeout:g} s"
-        )
+        budget = self.expires - self.arrival
+        return DeadlineExceeded(f"{self.route.service} did not finish within its total_timeout budget of {budget:g} s")
 
 
 class _Deadline:
@@ -119,6 +123,13 @@ def _body_error(exc: ValidationError) -> GatewayError:
     return Unprocessable(f"{param}: {message}{suffix}", param=param)
 
 
+def budget_units(route: Route, items: int) -> int:
+    """What a request of ``items`` items counts as: an embedding or rerank request is ceil(items / batch_size)
+    requests (the chunks Triton receives), each with its own total_timeout and rate-limit unit; an LLM request is
+    one."""
+    return 1 if route.type == "llm" else max(1, math.ceil(items / route.batch_size))
+
+
 async def admit(
     gateway: Gateway, request: Request, route: Route, items: int = 1, items_param: str = "input"
 ) -> Call:
@@ -130,7 +141,16 @@ async def admit(
             f"{items_param}: {items} items in one request; at most {gateway.settings.max_items}", param=items_param
         )
     arrival = getattr(request.state, "arrival", time.monotonic())
-    call = Call(route, arrival + route.total_timeout)
+    units = budget_units(route, items)
+    budget = limit_for_rate(route.rate_limit)
+    if units > budget.amount:  # refused by the rate limit whenever it came: say so now, and how to fit
+        raise PayloadTooLarge(
+            f"{items_param}: {items} items count as {units} requests of {route.batch_size} toward {route.service}'s "
+            f"rate_limit, which admits {budget.amount} per {budget.get_expiry()} s; send at most "
+            f"{budget.amount * route.batch_size} items a request",
+            param=items_param,
+        )
+    call = Call(route, arrival, arrival + units * route.total_timeout)
     if call.remaining() <= 0:  # the body took the whole deadline to arrive
         raise call.expired()
     # The per-key budget is checked first: a request refused for its key then costs the service nothing.
@@ -141,7 +161,7 @@ async def admit(
         if not per_key.allowed:
             gateway.metrics.of(route.service).rate_limited_by_key.inc()
             raise RateLimited(f"this API key allows {key_rate:g} requests per second", headers=per_key.headers())
-    decision = await gateway.limiter.acquire(f"service:{route.service}", route.rate_limit)
+    decision = await gateway.limiter.acquire(f"service:{route.service}", route.rate_limit, amount=units)
     if not decision.allowed:
         gateway.metrics.of(route.service).rate_limited_by_service.inc()
         raise RateLimited(

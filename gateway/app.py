@@ -16,8 +16,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from runtimes.signatures import output_names
+
+from .batcher import Batcher
 from .cache import create_cache
-from .coalescing import Coalescer
 from .completions import create_chat_completion, create_completion
 from .embeddings import create_embeddings
 from .errors import GatewayError, HTTPRefusal, RouteNotFound, Unavailable
@@ -42,7 +44,14 @@ def create_app(settings: GatewaySettings) -> Starlette:
         gateway = Gateway(
             settings=settings,
             triton=triton,
-            coalescer=Coalescer(triton, on_call=lambda service, callers: metrics.of(service).merged.observe(callers)),
+            batcher=Batcher(
+                triton,
+                {name: route for name, route in settings.routes.items() if route.type != "llm"},
+                output_names,
+                on_call=lambda service, chunks: metrics.of(service).merged.observe(chunks),
+                on_refusal=lambda service, reason: metrics.refused.labels(service, reason).inc(),
+                on_depth=lambda service, depth: metrics.of(service).queue_depth.set(depth),
+            ),
             limiter=RateLimiter.from_url(settings.redis_url),
             cache=create_cache(settings.redis_url, settings.cache_max_items),
             metrics=metrics,
@@ -52,6 +61,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
             yield
         finally:
             # Close the Triton channel before Triton stops: an idle connection holds its shutdown.
+            await gateway.batcher.close()
             await gateway.triton.close()
             await gateway.limiter.close()
             await gateway.cache.close()

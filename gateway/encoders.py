@@ -1,6 +1,6 @@
-"""Embeddings and rerank scores: per-item cache first, then Triton for the misses, in requests of at most
-``batch_size`` rows sent concurrently (and merged with other clients' concurrent requests: coalescing.py),
-reassembled in order.
+"""Embeddings and rerank scores: per-item cache first, then Triton for the misses, as chunks of at most
+``batch_size`` rows queued in the service's batcher (batcher.py: refused on arrival when they cannot be served in
+time, sent as batches with other clients' chunks), reassembled in order.
 
 Cached value of one item: int32 token count, one truncation byte, then float32 values (the embedding, or one
 score).
@@ -18,9 +18,9 @@ import numpy as np
 import numpy.typing as npt
 from starlette.requests import Request
 
-from runtimes.signatures import DOCUMENT, EMBEDDING, QUERY, SCORE, TEXT, TOKENS, TRUNCATED, output_names
+from runtimes.signatures import DOCUMENT, EMBEDDING, QUERY, SCORE, TEXT, TOKENS, TRUNCATED
 
-from .admission import Call, gather
+from .admission import Call
 from .cache import item_keys, key_namespace
 from .triton import text_column
 
@@ -95,11 +95,17 @@ async def _infer(
 ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.bool_], npt.NDArray[np.float32]]:
     route = call.route
     size = route.batch_size
-    chunks = [items[start : start + size] for start in range(0, len(items), size)]
-    if len(chunks) == 1:  # the common case: no task group to set up
-        results = [await _infer_chunk(gateway, call, chunks[0])]
+    if route.type == "embedding":
+        chunks = [{TEXT: text_column([item[0] for item in items[i : i + size]])} for i in range(0, len(items), size)]
     else:
-        results = await gather(*(_infer_chunk(gateway, call, chunk) for chunk in chunks))
+        chunks = [{QUERY: text_column([item[0] for item in items[i : i + size]]),
+                   DOCUMENT: text_column([item[1] for item in items[i : i + size]])}
+                  for i in range(0, len(items), size)]
+    started = time.monotonic()
+    try:
+        results = await gateway.batcher.infer(route, chunks, call.arrival, call.expires)
+    finally:
+        gateway.metrics.of(route.service).triton_latency.observe(time.monotonic() - started)
     value_name = EMBEDDING if route.type == "embedding" else SCORE
     return (
         _joined([r[TOKENS].reshape(-1) for r in results]).astype(np.int32, copy=False),
@@ -110,20 +116,6 @@ async def _infer(
 
 def _joined(arrays: list[npt.NDArray[Any]]) -> npt.NDArray[Any]:
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-
-
-async def _infer_chunk(gateway: Gateway, call: Call, chunk: list[tuple[str, ...]]) -> dict[str, Any]:
-    route = call.route
-    if route.type == "embedding":
-        inputs = {TEXT: text_column([item[0] for item in chunk])}
-    else:
-        inputs = {QUERY: text_column([item[0] for item in chunk]), DOCUMENT: text_column([item[1] for item in chunk])}
-    outputs = output_names(route.type)
-    started = time.monotonic()
-    try:
-        return await gateway.coalescer.infer(route.service, inputs, outputs, call.call_timeout(), route.batch_size)
-    finally:
-        gateway.metrics.of(route.service).triton_latency.observe(time.monotonic() - started)
 
 
 def cache_allowed(request: Request) -> bool:

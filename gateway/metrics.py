@@ -35,6 +35,7 @@ class ServiceMetrics:
     prompt_tokens: Any
     completion_tokens: Any
     first_token: Any
+    queue_depth: Any
 
 
 class GatewayMetrics:
@@ -65,6 +66,12 @@ class GatewayMetrics:
                                          registry=r)
         self.first_token = Histogram("sluice_gateway_llm_time_to_first_token_seconds", "Arrival to first token",
                                      ["service"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("sluice_gateway_queue_depth",
+                                 "Requests (chunks of at most batch_size items) waiting in the gateway for a model "
+                                 "instance", ["service"], registry=r)
+        self.refused = Counter("sluice_gateway_refused", "Requests refused before any work, by reason: queue_full, "
+                               "too_late (could not be served in time), queue_timeout (waited past it)",
+                               ["service", "reason"], registry=r)
         self._services: dict[str, ServiceMetrics] = {}
         self._per_request: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
@@ -83,6 +90,7 @@ class GatewayMetrics:
                 prompt_tokens=self.prompt_tokens.labels(service),
                 completion_tokens=self.completion_tokens.labels(service),
                 first_token=self.first_token.labels(service),
+                queue_depth=self.queue_depth.labels(service),
             )
         return bound
 

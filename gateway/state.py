@@ -9,8 +9,8 @@ from typing import Any
 import orjson
 from starlette.responses import Response
 
+from .batcher import Batcher
 from .cache import ItemCache
-from .coalescing import Coalescer
 from .errors import GatewayError, envelope_bytes
 from .metrics import GatewayMetrics
 from .ratelimit import RateLimiter
@@ -24,7 +24,7 @@ class Gateway:
 
     settings: GatewaySettings
     triton: Triton
-    coalescer: Coalescer  # embeddings and rerank reach Triton through it
+    batcher: Batcher  # embeddings and rerank reach Triton through it
     limiter: RateLimiter
     cache: ItemCache
     metrics: GatewayMetrics

@@ -21,11 +21,14 @@ import numpy.typing as npt
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import deserialize_bytes_tensor, np_to_triton_dtype, triton_to_np_dtype
 
+from runtimes.signatures import START_BY_PARAMETER
+
 from .errors import BadRequest, DeadlineExceeded, GatewayError, Unavailable
 
 Tensors = dict[str, npt.NDArray[Any]]
 
-# Triton's messages for requests its queue policy turned away (tritonserver 2.51).
+# Triton's messages for requests its queue policy turned away (tritonserver 2.51); the encoder runtimes answer a
+# request whose start-by passed with the second too (runtimes/_triton.py).
 _QUEUE_REFUSALS = ("Exceeds maximum queue size", "Request timeout expired")
 # As tritonclient sets them: a batch of embeddings can exceed gRPC's default 4 MiB.
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]
@@ -93,13 +96,24 @@ class Triton:
             return list(services)
 
     async def infer(
-        self, service: str, inputs: Mapping[str, npt.NDArray[Any]], outputs: Sequence[str], timeout: float
+        self,
+        service: str,
+        inputs: Mapping[str, npt.NDArray[Any]],
+        outputs: Sequence[str],
+        timeout: float,
+        start_by_us: int | None = None,
     ) -> Tensors:
-        """One request; raises DeadlineExceeded after ``timeout`` seconds (the call is cancelled at Triton)."""
+        """One request; raises DeadlineExceeded after ``timeout`` seconds (the call is cancelled at Triton).
+
+        ``start_by_us`` (wall clock, microseconds): the runtime refuses the request, uncomputed, if its batch has not
+        started by then (START_BY_PARAMETER in runtimes/signatures.py)."""
         if timeout <= 0:
             raise DeadlineExceeded(f"no time left to call {service}")
+        request = infer_request(service, inputs, outputs)
+        if start_by_us is not None:
+            request.parameters[START_BY_PARAMETER].int64_param = start_by_us
         try:
-            response = await self._stub.ModelInfer(infer_request(service, inputs, outputs), timeout=timeout)
+            response = await self._stub.ModelInfer(request, timeout=timeout)
         except grpc.aio.AioRpcError as error:
             raise triton_error(service, error.code(), error.details() or "", timeout) from None
         return response_tensors(response)
@@ -142,6 +156,9 @@ def triton_error(service: str, code: grpc.StatusCode | None, message: str, timeo
     """Triton's refusal (a gRPC status, or a stream's error message) as the gateway error a client should see."""
     if code is grpc.StatusCode.DEADLINE_EXCEEDED or "Deadline Exceeded" in message:
         return DeadlineExceeded(f"{service} did not answer within {timeout:.3g} s; the request was cancelled")
+    if "Request timeout expired" in message:
+        return Unavailable(f"{service} is overloaded: the request waited past its queue_timeout (Triton: {message})",
+                           headers={"Retry-After": "1"})
     if any(refusal in message for refusal in _QUEUE_REFUSALS):
         return Unavailable(f"{service} is overloaded: {message}", headers={"Retry-After": "1"})
     if code is grpc.StatusCode.UNAVAILABLE:

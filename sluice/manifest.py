@@ -18,7 +18,7 @@ from sluice.errors import SluiceError
 
 MANIFEST_NAME = "sluice.json"
 # Raised whenever the manifest's shape changes: a gateway refuses a repository compiled for another version.
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
 
 
 class _Strict(BaseModel):
@@ -32,6 +32,9 @@ class Route(_Strict):
     model: str  # the config's model key: clients may name it instead of the service
     type: Literal["embedding", "reranker", "llm"]
     batch_size: int  # the largest request Triton accepts: bigger client batches are split
+    batch_timeout: float  # seconds a batch that is not full is held for company
+    max_queue_size: int  # requests (chunks of at most batch_size items) that may wait
+    instances: int  # model instances: the calls the gateway keeps in flight at once
     rate_limit: float  # requests per second
     total_timeout: float  # seconds, arrival to last byte
     inference_timeout: float

@@ -14,9 +14,9 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.app import create_app
-from gateway.coalescing import Coalescer
+from gateway.batcher import Batcher
 from gateway.settings import GatewaySettings, Route
-from runtimes.signatures import SIGNATURES
+from runtimes.signatures import SIGNATURES, output_names
 
 # The numpy dtype of each contract data type, as Triton's Python backend and tritonclient map them.
 DTYPES = {"STRING": np.object_, "FP32": np.float32, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_}
@@ -25,9 +25,9 @@ DTYPES = {"STRING": np.object_, "FP32": np.float32, "INT32": np.int32, "INT64": 
 def route(service: str, route_type: str, **changes: Any) -> Route:
     """A route as sluice.json describes one, with generous limits unless ``changes`` say otherwise."""
     values: dict[str, Any] = {
-        "service": service, "model": f"{service}_model", "type": route_type, "batch_size": 4, "rate_limit": 1000.0,
-        "total_timeout": 5.0, "inference_timeout": 4.0, "queue_timeout": 0.5, "enable_cache": False,
-        "max_length": 128, "fingerprint": "fake",
+        "service": service, "model": f"{service}_model", "type": route_type, "batch_size": 4, "batch_timeout": 0.0,
+        "max_queue_size": 100, "instances": 1, "rate_limit": 1000.0, "total_timeout": 5.0, "inference_timeout": 4.0,
+        "queue_timeout": 0.5, "enable_cache": False, "max_length": 128, "fingerprint": "fake",
     }
     return Route(**(values | changes))
 
@@ -67,7 +67,7 @@ class FakeTriton:
         return [service for service in services if service in self.not_ready]
 
     async def infer(self, service: str, inputs: Mapping[str, npt.NDArray[Any]], outputs: Sequence[str],
-                    timeout: float) -> dict[str, Any]:
+                    timeout: float, start_by_us: int | None = None) -> dict[str, Any]:
         self.inferred.append((inputs, tuple(outputs)))
         rows = len(next(iter(inputs.values())))
         return contract_outputs(self.types[service], rows)
@@ -98,7 +98,8 @@ async def serve(triton: FakeTriton, *routes: Route) -> AsyncIterator[httpx.Async
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         gateway = app.state.gateway
-        app.state.gateway = dataclasses.replace(gateway, triton=triton, coalescer=Coalescer(triton))
+        batcher = Batcher(triton, {r.service: r for r in routes if r.type != "llm"}, output_names)  # type: ignore[arg-type]
+        app.state.gateway = dataclasses.replace(gateway, triton=triton, batcher=batcher)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
             yield client

@@ -47,7 +47,7 @@ def test_explain_shows_each_knob_and_its_triton_field_when_config_is_valid() -> 
         "10/s",
         "the ONNX run itself is not interrupted",
         "the runtime stops generating",
-        "response_cache (per Triton request)",
+        "the gateway's per-item cache",
         "can never bind",
     ):
         assert words in result.output

@@ -48,7 +48,13 @@ def test_explain_says_nothing_is_cached_when_an_llm_service_enables_the_cache() 
     assert where == "none" and "never cached" in what
 
 
-def test_explain_never_promises_a_queue_timeout_to_direct_triton_clients() -> None:
-    for service in ("embedding_service", "reranker_service", "llm_service"):
+def test_explain_says_an_encoder_request_past_queue_timeout_is_refused_uncomputed() -> None:
+    for service in ("embedding_service", "reranker_service"):
         where, what = rows_of(service)["queue_timeout"]
-        assert where == "gateway" and "ignores a per-request timeout" in what
+        assert where == "gateway+runtime" and "sluice_start_by_us" in what and "503" in what
+
+
+def test_explain_says_an_encoder_queue_lives_in_the_gateway_when_it_has_max_queue_size_and_batch_timeout() -> None:
+    rows = rows_of("embedding_service")
+    assert rows["max_queue_size"][0] == rows["batch_timeout"][0] == "gateway"
+    assert rows_of("llm_service")["max_queue_size"][0] == "triton"  # the LLM's queue is still Triton's

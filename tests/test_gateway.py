@@ -14,23 +14,23 @@ from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import httpx
 import numpy as np
 import openai
 import pytest
-import uvicorn
 
 from benchmarks.bare_forwarder import forwarder
 from compiler.pipeline import compile_repository
 from compiler.schema import Server
-from gateway.app import create_app
-from gateway.coalescing import Coalescer
+from gateway.batcher import Batcher
 from gateway.errors import GatewayError
-from gateway.settings import GatewaySettings
+from gateway.settings import GatewaySettings, Route
 from gateway.triton import Triton, text_column
+from runtimes.signatures import output_names
 from sluice.triton_server import TritonServer, TritonSettings, free_ports
+from tests.gateway_server import AppServer, GatewayServer
 from tests.helpers import metrics_text, sample_value, write_yaml
 
 pytestmark = pytest.mark.integration
@@ -61,7 +61,7 @@ def gateway_config(models: dict[str, Path]) -> dict[str, Any]:
             # A generation cut short by inference_timeout.
             "hasty_llm": {"model": "tiny_llm", "runtime": {**FAST, "inference_timeout": 0.4, "total_timeout": 2.0,
                                                           "queue_timeout": 0.2}},
-            # One instance, one request at a time, a queue of 1: floods are turned away by Triton.
+            # One instance, one request at a time, a queue of 1: floods are turned away by the gateway.
             "narrow_service": {"model": "minilm", "runtime": {**FAST, "worker_count": 1, "batch_size": 1,
                                                               "batch_timeout": 0.0001, "max_queue_size": 1,
                                                               "queue_timeout": 3.0, "inference_timeout": 3.0,
@@ -69,40 +69,6 @@ def gateway_config(models: dict[str, Path]) -> dict[str, Any]:
         },
         "gateway": {"api_keys": [], "max_items": 64, "max_request_bytes": 65536},
     }
-
-
-class AppServer:
-    """An ASGI app served by uvicorn in a thread, on a free loopback port."""
-
-    def __init__(self, app: Any, port: int | None = None) -> None:
-        port = port or free_ports(1)[0]
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
-                                access_log=False)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.url = f"http://127.0.0.1:{port}"
-
-    def __enter__(self) -> Self:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the server did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=20)
-
-
-class GatewayServer(AppServer):
-    """The gateway app, served as AppServer serves."""
-
-    def __init__(self, settings: GatewaySettings) -> None:
-        (port,) = free_ports(1)
-        self.settings = replace(settings, port=port)
-        super().__init__(create_app(self.settings), port)
 
 
 @pytest.fixture(scope="module")
@@ -300,74 +266,58 @@ def test_two_gateways_sharing_redis_admit_one_budget_when_loaded_together(
     assert 54 <= admitted <= 70, admitted  # one budget of 10/s, not two
 
 
-# ---- concurrent requests merged into one Triton call ----------------------------------------------------------------
+# ---- requests queued in the gateway, sent as batches -----------------------------------------------------------------
 
 EMBED_OUTPUTS = ("embedding", "tokens", "truncated")
 
 
-Scenario = Callable[[Coalescer, Triton, list[tuple[str, int]]], Awaitable[Any]]
+Scenario = Callable[[Batcher, Route, Triton, list[tuple[str, int]]], Awaitable[Any]]
 
 
-def run_coalesced(triton_url: str, scenario: Scenario) -> Any:
-    """``scenario(coalescer, triton, merges)`` in an event loop, against the real Triton; ``merges`` records each
-    Triton call the coalescer makes as (service, callers)."""
+def run_batched(triton_url: str, route: Route, scenario: Scenario, triton_wrapper: Any = None) -> Any:
+    """``scenario(batcher, route, triton, calls)`` in an event loop, against the real Triton; ``calls`` records each
+    Triton call the batcher makes as (service, chunks)."""
 
     async def main() -> Any:
         triton = Triton(triton_url)
-        merges: list[tuple[str, int]] = []
+        calls: list[tuple[str, int]] = []
         try:
-            return await scenario(Coalescer(triton, on_call=lambda s, n: merges.append((s, n))), triton, merges)
+            batcher = Batcher(triton_wrapper(triton) if triton_wrapper else triton, {route.service: route},
+                              output_names, on_call=lambda s, n: calls.append((s, n)))
+            return await scenario(batcher, route, triton, calls)
         finally:
             await triton.close()
 
     return asyncio.run(main())
 
 
-def test_coalescer_sends_concurrent_callers_as_few_requests_and_gives_each_its_own_rows(
-    stack: tuple[TritonServer, Path],
+def queued(batcher: Batcher, route: Route, *chunks: list[str]) -> Awaitable[list[Any]]:
+    now = time.monotonic()
+    return batcher.infer(route, [{"text": text_column(texts)} for texts in chunks], now, now + 5)
+
+
+def test_batcher_sends_waiting_requests_as_few_triton_requests_and_gives_each_its_own_rows(
+    stack: tuple[TritonServer, Path], settings: GatewaySettings
 ) -> None:
     triton_server, _ = stack
+    route = settings.routes["embedding_service"].model_copy(update={"batch_timeout": 0.05})  # batch_size 4
     texts = [[f"merge probe {time.time_ns()} {i}-{j}" for j in range(rows)] for i, rows in enumerate((3, 1, 2, 1, 1))]
 
-    async def scenario(coalescer: Coalescer, triton: Triton, merges: list[tuple[str, int]]) -> Any:
+    async def scenario(batcher: Batcher, route: Route, triton: Triton, calls: list[tuple[str, int]]) -> Any:
         alone = [await triton.infer("embedding_service", {"text": text_column(t)}, EMBED_OUTPUTS, 5) for t in texts]
         requests_before = triton_metric(triton_server, "nv_inference_request_success", model="embedding_service")
-        merged = await asyncio.gather(*(
-            coalescer.infer("embedding_service", {"text": text_column(t)}, EMBED_OUTPUTS, 5, max_rows=4)
-            for t in texts
-        ))
+        batched = await asyncio.gather(*(queued(batcher, route, t) for t in texts))
         requests = triton_metric(triton_server, "nv_inference_request_success", model="embedding_service")
-        return alone, merged, requests - requests_before, merges
+        return alone, [answer[0] for answer in batched], requests - requests_before, calls
 
-    alone, merged, requests, merges = run_coalesced(triton_server.grpc_url, scenario)
-    # In arrival order, at most 4 rows a request: 3 + 1, then 2 + 1 + 1.
-    assert merges == [("embedding_service", 2), ("embedding_service", 3)]
+    alone, batched, requests, calls = run_batched(triton_server.grpc_url, route, scenario)
+    # Held for batch_timeout, then in arrival order at most 4 rows a request: 3 + 1, then 2 + 1 + 1.
+    assert calls == [("embedding_service", 2), ("embedding_service", 3)]
     assert requests == 2
-    for solo, together, sent in zip(alone, merged, texts, strict=True):
+    for solo, together, sent in zip(alone, batched, texts, strict=True):
         assert together["embedding"].shape == (len(sent), 384)
         np.testing.assert_allclose(together["embedding"], solo["embedding"], atol=1e-5)
         np.testing.assert_array_equal(together["tokens"], solo["tokens"])
-
-
-def test_coalescer_answers_the_callers_that_stay_when_others_leave(stack: tuple[TritonServer, Path]) -> None:
-    triton_server, _ = stack
-
-    async def scenario(coalescer: Coalescer, triton: Triton, merges: list[tuple[str, int]]) -> Any:
-        def infer(text: str) -> Awaitable[Any]:
-            return coalescer.infer("embedding_service", {"text": text_column([text])}, EMBED_OUTPUTS, 5, max_rows=4)
-
-        before, during, staying = (asyncio.ensure_future(infer(f"stay or go {i}")) for i in range(3))
-        await asyncio.sleep(0)  # all three wait for this loop turn's merged request
-        before.cancel()  # leaves before it is sent
-        await asyncio.sleep(0)  # sent
-        await asyncio.sleep(0)
-        during.cancel()  # leaves while it is in Triton
-        answer = await staying
-        return merges, answer, before.cancelled() and during.cancelled()
-
-    merges, answer, both_left = run_coalesced(triton_server.grpc_url, scenario)
-    assert merges == [("embedding_service", 2)]  # the first leaver was never sent
-    assert both_left and answer["embedding"].shape == (1, 384)
 
 
 class WatchedTriton:
@@ -378,47 +328,52 @@ class WatchedTriton:
         self.started = asyncio.Event()
         self.cancelled = asyncio.Event()
 
-    async def infer(self, *args: Any) -> Any:
+    async def infer(self, *args: Any, **kwargs: Any) -> Any:
         self.started.set()
         try:
-            return await self.triton.infer(*args)
+            return await self.triton.infer(*args, **kwargs)
         except asyncio.CancelledError:
             self.cancelled.set()
             raise
 
 
-def test_coalescer_cancels_the_triton_call_when_every_caller_leaves(stack: tuple[TritonServer, Path]) -> None:
-    triton_server, _ = stack
-
-    async def scenario(_: Coalescer, triton: Triton, merges: list[tuple[str, int]]) -> Any:
-        watched = WatchedTriton(triton)
-        coalescer = Coalescer(watched, on_call=lambda service, callers: merges.append((service, callers)))
-        callers = [asyncio.ensure_future(coalescer.infer(
-            "embedding_service", {"text": text_column([f"all leave {i}"])}, EMBED_OUTPUTS, 5, max_rows=4))
-            for i in range(2)]
-        await watched.started.wait()  # sent, and waiting on Triton
-        for caller in callers:
-            caller.cancel()
-        await asyncio.wait_for(watched.cancelled.wait(), timeout=5)
-        await asyncio.gather(*callers, return_exceptions=True)
-        return merges, [caller.cancelled() for caller in callers]
-
-    merges, left = run_coalesced(triton_server.grpc_url, scenario)
-    assert merges == [("embedding_service", 2)] and left == [True, True]
-
-
-def test_coalescer_gives_every_caller_tritons_refusal_when_the_merged_call_fails(
-    stack: tuple[TritonServer, Path],
+def test_batcher_cancels_the_triton_call_when_every_caller_leaves(
+    stack: tuple[TritonServer, Path], settings: GatewaySettings
 ) -> None:
     triton_server, _ = stack
+    route = settings.routes["embedding_service"].model_copy(update={"batch_timeout": 0.01})
+    watched: list[WatchedTriton] = []
 
-    async def scenario(coalescer: Coalescer, triton: Triton, merges: list[tuple[str, int]]) -> Any:
-        return await asyncio.gather(*(
-            coalescer.infer("no_such_service", {"text": text_column([f"refused {i}"])}, EMBED_OUTPUTS, 5, max_rows=4)
-            for i in range(3)
-        ), return_exceptions=True)
+    def watch(triton: Triton) -> WatchedTriton:
+        watched.append(WatchedTriton(triton))
+        return watched[0]
 
-    outcomes = run_coalesced(triton_server.grpc_url, scenario)
+    async def scenario(batcher: Batcher, route: Route, triton: Triton, calls: list[tuple[str, int]]) -> Any:
+        callers = [asyncio.ensure_future(queued(batcher, route, [f"all leave {time.time_ns()} {i}"]))
+                   for i in range(2)]
+        await watched[0].started.wait()  # sent, and waiting on Triton
+        for caller in callers:
+            caller.cancel()
+        await asyncio.wait_for(watched[0].cancelled.wait(), timeout=5)
+        await asyncio.gather(*callers, return_exceptions=True)
+        return calls, [caller.cancelled() for caller in callers]
+
+    calls, left = run_batched(triton_server.grpc_url, route, scenario, triton_wrapper=watch)
+    assert calls == [("embedding_service", 2)] and left == [True, True]
+
+
+def test_batcher_gives_every_caller_tritons_refusal_when_the_call_fails(
+    stack: tuple[TritonServer, Path], settings: GatewaySettings
+) -> None:
+    triton_server, _ = stack
+    route = settings.routes["embedding_service"].model_copy(update={"service": "no_such_service",
+                                                                   "batch_timeout": 0.01})
+
+    async def scenario(batcher: Batcher, route: Route, triton: Triton, calls: list[tuple[str, int]]) -> Any:
+        return await asyncio.gather(*(queued(batcher, route, [f"refused {i}"]) for i in range(3)),
+                                    return_exceptions=True)
+
+    outcomes = run_batched(triton_server.grpc_url, route, scenario)
     assert len(outcomes) == 3
     for outcome in outcomes:
         assert isinstance(outcome, GatewayError) and "no_such_service" in str(outcome)
@@ -578,7 +533,7 @@ def test_total_timeout_counts_from_arrival_when_the_body_arrives_slowly(gateway:
         while not reply.endswith("}}"):
             reply += sock.recv(65536).decode()
     assert reply.startswith("HTTP/1.1 504"), reply
-    assert "total_timeout of 1 s" in reply
+    assert "total_timeout budget of 1 s" in reply
 
 
 def test_client_disconnect_cancels_the_generation_when_a_stream_is_dropped(
@@ -602,10 +557,10 @@ def test_client_disconnect_cancels_the_generation_when_a_stream_is_dropped(
     assert sample_value(metrics_text(f"{gateway}/metrics"), "sluice_gateway_in_flight", service="llm_service") == 0
 
 
-# ---- Triton's refusals ----------------------------------------------------------------------------------------------
+# ---- refusals ---------------------------------------------------------------------------------------------------
 
 
-def test_triton_queue_refusals_become_503_with_retry_after_when_flooded(gateway: str) -> None:
+def test_a_full_queue_refuses_with_503_and_retry_after_when_flooded(gateway: str) -> None:
     def one(i: int) -> httpx.Response:
         with httpx.Client(timeout=30) as http:
             return http.post(f"{gateway}/v1/embeddings", json={"model": "narrow_service",
@@ -615,8 +570,10 @@ def test_triton_queue_refusals_become_503_with_retry_after_when_flooded(gateway:
         responses = list(pool.map(one, range(24)))
     refused = [r for r in responses if r.status_code == 503]
     assert refused and any(r.status_code == 200 for r in responses)
-    assert refused[0].headers["retry-after"] == "1"
-    assert "Exceeds maximum queue size" in error_of(refused[0])["message"]
+    assert int(refused[0].headers["retry-after"]) >= 1
+    assert "at most 1 may" in error_of(refused[0])["message"]  # max_queue_size, kept by the gateway
+    metrics = metrics_text(f"{gateway}/metrics")
+    assert sample_value(metrics, "sluice_gateway_refused_total", service="narrow_service", reason="queue_full") >= 1
 
 
 def test_unreachable_triton_becomes_503_when_the_gateway_cannot_connect(settings: GatewaySettings) -> None:

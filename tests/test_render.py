@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -38,6 +39,12 @@ def test_render_dynamic_batching_sets_delay_and_queue_policy_when_parsed() -> No
     assert policy.default_timeout_microseconds == 0  # see QueuePolicy: Triton 2.51 mis-schedules with one
     assert policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT
     assert policy.allow_timeout_override is True
+
+
+def test_render_dynamic_batching_writes_no_queue_policy_when_the_plan_has_none() -> None:
+    batching = parse(render_dynamic_batching(DynamicBatching(0, None))).dynamic_batching
+    assert batching.max_queue_delay_microseconds == 0
+    assert not batching.HasField("default_queue_policy")
 
 
 def test_render_instance_group_lists_gpus_when_device_names_them() -> None:
@@ -79,17 +86,23 @@ def test_render_repository_maps_every_knob_when_compiling_the_seed() -> None:
     files = render_repository(build_plan(DATA / "seed_config.yaml").plan)
     embedding = parse(files["embedding_service/config.pbtxt"])
     assert embedding.max_batch_size == 64
-    assert embedding.dynamic_batching.max_queue_delay_microseconds == 10_000
-    assert embedding.dynamic_batching.default_queue_policy.max_queue_size == 500
+    # An encoder's queue is the gateway's: Triton holds nothing and has no queue policy (prefetching stays on).
+    assert embedding.dynamic_batching.max_queue_delay_microseconds == 0
+    assert not embedding.dynamic_batching.HasField("default_queue_policy")
+    routes = json.loads(files["sluice.json"])["services"]
+    assert (routes["embedding_service"]["batch_timeout"], routes["embedding_service"]["max_queue_size"]) == (0.01, 500)
+    assert routes["embedding_service"]["instances"] == 4
     assert embedding.parameters["queue_timeout_us"].string_value == "50000"
     assert embedding.instance_group[0].count == 4
-    assert embedding.response_cache.enable is True
+    assert not embedding.HasField("response_cache")  # it would cache error responses as empty answers
     assert embedding.parameters["inference_timeout_s"].string_value == "0.3"
     reranker = parse(files["reranker_service/config.pbtxt"])
     assert (reranker.max_batch_size, reranker.instance_group[0].count) == (16, 2)
-    assert reranker.response_cache.enable is False
+    assert not reranker.HasField("response_cache")
     llm = parse(files["llm_service/config.pbtxt"])
     assert llm.max_batch_size == 4
+    assert llm.dynamic_batching.max_queue_delay_microseconds == 50_000
+    assert llm.dynamic_batching.default_queue_policy.max_queue_size == 50
     assert llm.model_transaction_policy.decoupled is True
     assert llm.parameters["queue_timeout_us"].string_value == "200000"
     assert llm.parameters["inference_timeout_s"].string_value == "2"
@@ -122,7 +135,7 @@ def test_render_repository_fills_type_defaults_when_a_service_names_only_its_mod
     files = render_repository(build_plan(config).plan)
     rerank = parse(files["rerank/config.pbtxt"])
     assert rerank.max_batch_size == 16 and rerank.instance_group[0].count == 2
-    assert rerank.dynamic_batching.max_queue_delay_microseconds == 20_000
+    assert json.loads(files["sluice.json"])["services"]["rerank"]["batch_timeout"] == 0.02
     chat = parse(files["chat/config.pbtxt"])
     assert chat.max_batch_size == 2  # overridden
     assert chat.dynamic_batching.default_queue_policy.max_queue_size == 50  # llm default
