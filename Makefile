@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: up test lint compile explain models bench clean
+.PHONY: up test lint compile explain models bench overload clean
 
 # The virtualenv is rebuilt when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -29,6 +29,10 @@ explain: $(STAMP)
 # Run alone: on 2 cores anything else running skews the figures.
 bench: models
 	$(PY) -m benchmarks.embeddings
+
+# Each encoder service at 0.5x-3x its capacity, open loop, with and without Redis; 5 minutes at nominal load.
+overload: models
+	$(PY) -m benchmarks.overload --nominal-seconds 300
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

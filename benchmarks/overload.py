@@ -1,0 +1,450 @@
+"""What a user of each encoder service sees beyond its capacity: open-loop load at 0.5x to 3x, with and without Redis.
+
+    python -m benchmarks.overload [--config config.yaml] [--services embedding_service,reranker_service]
+                                  [--loads 0.5,1,2,3] [--seconds 20] [--redis both|on|off] [--nominal-seconds 0]
+                                  [--source DIR] [--json FILE]
+
+The stack is started as a user starts it (`sluice up`, a scratch copy of the config on free loopback ports, the
+services' rate limits lifted and their caches off, so that only scheduling decides), once without Redis and once
+with a throwaway redis-server (SLUICE_REDIS_URL: the rate limiter then runs in Redis). For each service:
+
+1. capacity: 16 closed-loop clients, one single-row request each at a time, for ``--capacity-seconds``;
+2. for each load factor f: requests sent open loop (Poisson arrivals at f x capacity, fixed seed) for ``--seconds``;
+   every answer is recorded: status, latency, Retry-After. Goodput is the 200s answered within total_timeout.
+
+Queue depth is sampled every 100 ms from the gateway's ``sluice_gateway_queue_depth`` (when it has one) and Triton's
+``nv_inference_pending_request_count``. ``--nominal-seconds N`` adds a closed-loop run of 16 clients for N seconds
+(errors and throughput at nominal load). ``--source DIR`` runs the stack from another checkout (to measure an older
+version with this same load generator). The load generator is one process on uvloop with a lean keep-alive HTTP
+client (benchmarks/http_client.py: aiohttp cost 180-270 us of CPU a request, the model's CPU on these 2 cores), its
+requests built before each step; its CPU per request is reported. Run it alone: on 2 cores anything else skews
+every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import uvloop
+import yaml
+
+from benchmarks.embeddings import cpu_seconds
+from benchmarks.http_client import LeanClient
+from benchmarks.texts import benchmark_texts
+from sluice.triton_server import free_ports
+
+CLIENTS = 16
+NO_ANSWER_S = 5.0  # a request still unanswered after this long counts as left without an answer
+LATE_SLACK_S = 0.05  # an answer later than total_timeout + this is late
+BIG_EMBEDDING, BIG_RERANK = 1000, 100  # items in a big request (LangChain sends 1,000 texts a request)
+_SAMPLE = re.compile(r'^(?P<name>[a-z_]+)\{(?P<labels>[^}]*)\} (?P<value>\S+)$', re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    type: str  # embedding | reranker
+    total_timeout: float
+    max_queue_size: int
+
+    @property
+    def path(self) -> str:
+        return "/v1/embeddings" if self.type == "embedding" else "/v1/rerank"
+
+    def big_body(self, seed: int) -> bytes:
+        """One request of many items: 1,000 texts to embed, or 100 documents to rerank (issue 11's big requests)."""
+        if self.type == "embedding":
+            return json.dumps({"model": self.name, "input": benchmark_texts(BIG_EMBEDDING, seed=seed)}).encode()
+        documents = benchmark_texts(BIG_RERANK, seed=seed)
+        return json.dumps({"model": self.name, "query": "which text is about serving", "documents": documents}).encode()
+
+    def body(self, text: str) -> bytes:
+        if self.type == "embedding":
+            return json.dumps({"model": self.name, "input": text}).encode()
+        return json.dumps({"model": self.name, "query": "which text is about serving", "documents": [text]}).encode()
+
+
+def scratch_config(config: Path, services: list[str], ports: list[int]) -> tuple[dict[str, Any], list[Service]]:
+    """The config with only ``services`` (and their models), absolute model paths, free ports, no rate limit and no
+    cache: what the user declared, minus what would answer for the scheduler."""
+    data = yaml.safe_load(config.read_text(encoding="utf-8"))
+    chosen, models, described = {}, {}, []
+    for name in services:
+        service = data["services"][name]
+        runtime = {**service.get("runtime", {}), "rate_limit": 1_000_000, "enable_cache": False}
+        chosen[name] = {**service, "runtime": runtime}
+        model = dict(data["models"][service["model"]])
+        path = config.parent / model["model_name"]
+        if path.exists():
+            model["model_name"] = str(path.resolve())
+        models[service["model"]] = model
+        described.append((name, model["type"], runtime))
+    http, grpc, metrics, gateway = ports
+    scratch = {
+        "models": models,
+        "services": chosen,
+        "server": {"http_port": http, "grpc_port": grpc, "metrics_port": metrics},
+        "gateway": {"port": gateway},
+    }
+    return scratch, [
+        Service(name, kind, float(runtime.get("total_timeout", 0.5)), int(runtime.get("max_queue_size", 500)))
+        for name, kind, runtime in described
+    ]
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    (port,) = free_ports(1)
+    workdir = tempfile.mkdtemp(prefix="sluice-overload-redis-")
+    process = subprocess.Popen(
+        [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", workdir, "--loglevel", "warning"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(0.5)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextmanager
+def sluice_up(config: Path, source: Path, redis_url: str | None, gateway: str, export_cache: Path) -> Iterator[int]:
+    """`sluice up CONFIG` from ``source``, until the gateway's /ready answers; yields the gateway's process id (the
+    `sluice up` process serves the gateway itself; Triton is its child)."""
+    env = {k: v for k, v in os.environ.items() if k != "SLUICE_REDIS_URL"}
+    if redis_url:
+        env["SLUICE_REDIS_URL"] = redis_url
+    env["SLUICE_CACHE_DIR"] = str(export_cache)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sluice", "up", str(config), "-o", str(config.parent / "model_repository")],
+        cwd=source, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not _ready(gateway):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"sluice up did not start: {process.stderr.read() if process.stderr else ''}")
+            time.sleep(0.5)
+        yield process.pid
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/ready", timeout=2) as response:  # noqa: S310 - loopback URL
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def _metric(text: str, name: str, **labels: str) -> float | None:
+    total = None
+    for match in _SAMPLE.finditer(text):
+        if match["name"] != name:
+            continue
+        found = dict(part.split("=", 1) for part in match["labels"].split(",") if "=" in part)
+        if all(found.get(key, "").strip('"') == value for key, value in labels.items()):
+            total = (total or 0.0) + float(match["value"])
+    return total
+
+
+@dataclass
+class Outcome:
+    """Every answer of one step."""
+
+    sent: int = 0
+    statuses: Counter[int] = field(default_factory=Counter)
+    ok_latencies: list[float] = field(default_factory=list)
+    goodput_answers: int = 0
+    late: int = 0  # answered (any status) later than total_timeout + LATE_SLACK_S
+    no_answer: int = 0  # still unanswered after NO_ANSWER_S
+    connection_errors: int = 0  # the connection broke before an answer
+    refusals_without_retry_after: int = 0
+    deepest_gateway_queue: float = 0.0
+    deepest_triton_queue: float = 0.0
+    refused_by_reason: dict[str, float] = field(default_factory=dict)
+
+
+async def _send(client: LeanClient, request: bytes, service: Service, outcome: Outcome) -> None:
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(NO_ANSWER_S):
+            answer = await client.send(request)
+    except TimeoutError:
+        outcome.no_answer += 1
+        return
+    except (OSError, asyncio.IncompleteReadError) as error:
+        outcome.connection_errors += 1
+        print(f"connection error: {error!r}", flush=True)
+        return
+    elapsed = time.perf_counter() - started
+    status, retry_after = answer.status, answer.retry_after
+    outcome.statuses[status] += 1
+    if elapsed > service.total_timeout + LATE_SLACK_S:
+        outcome.late += 1
+    if status == 200:
+        outcome.ok_latencies.append(elapsed)
+        if elapsed <= service.total_timeout:
+            outcome.goodput_answers += 1
+    elif status in (429, 503) and not retry_after:
+        outcome.refusals_without_retry_after += 1
+
+
+async def _sample_queues(gateway: str, triton_metrics: str, service: Service, outcome: Outcome,
+                         stop: asyncio.Event, session: aiohttp.ClientSession) -> None:
+    while not stop.is_set():
+        for url, name, key in ((f"{gateway}/metrics", "sluice_gateway_queue_depth", "service"),
+                               (triton_metrics, "nv_inference_pending_request_count", "model")):
+            try:
+                async with session.get(url) as response:
+                    value = _metric(await response.text(), name, **{key: service.name})
+            except aiohttp.ClientError:
+                value = None
+            if value is not None:
+                if name.startswith("sluice"):
+                    outcome.deepest_gateway_queue = max(outcome.deepest_gateway_queue, value)
+                else:
+                    outcome.deepest_triton_queue = max(outcome.deepest_triton_queue, value)
+        try:
+            await asyncio.wait_for(stop.wait(), 0.1)
+        except TimeoutError:
+            pass
+
+
+async def open_loop(gateway: str, triton_metrics: str, service: Service, rate: float, seconds: float,
+                    seed: int) -> tuple[Outcome, float]:
+    """Poisson arrivals at ``rate`` for ``seconds``; returns the outcome and the load generator's CPU seconds."""
+    rng = random.Random(seed)  # noqa: S311 - reproducible arrivals
+    arrivals, t = [], 0.0
+    while True:
+        t += rng.expovariate(rate)
+        if t >= seconds:
+            break
+        arrivals.append(t)
+    client = LeanClient(*_host_port(gateway))
+    requests = [client.request(service.path, service.body(text)) for text in benchmark_texts(len(arrivals), seed=seed)]
+    outcome = Outcome(sent=len(arrivals))
+    cpu_before = cpu_seconds(os.getpid())
+    async with aiohttp.ClientSession() as session:
+        stop = asyncio.Event()
+        sampler = asyncio.create_task(_sample_queues(gateway, triton_metrics, service, outcome, stop, session))
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        tasks = []
+        for at, request in zip(arrivals, requests, strict=True):
+            delay = start + at - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(_send(client, request, service, outcome)))
+        await asyncio.gather(*tasks)
+        stop.set()
+        await sampler
+    await client.close()
+    return outcome, cpu_seconds(os.getpid()) - cpu_before
+
+
+async def big_requests(gateway: str, service: Service, count: int, gap_s: float, seed: int) -> list[dict[str, Any]]:
+    """``count`` big requests, ``gap_s`` apart: each one's status and seconds."""
+    results = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        for i in range(count):
+            body = service.big_body(seed + i)
+            started = time.perf_counter()
+            async with session.post(f"{gateway}{service.path}", data=body,
+                                    headers={"content-type": "application/json"}) as response:
+                await response.read()
+                results.append({"status": response.status, "seconds": round(time.perf_counter() - started, 3)})
+            await asyncio.sleep(gap_s)
+    return results
+
+
+async def closed_loop(gateway: str, service: Service, seconds: float, seed: int) -> tuple[int, Counter[int], float]:
+    """CLIENTS clients, each sending one request and awaiting it, for ``seconds``: 200s per second, statuses."""
+    texts = iter(benchmark_texts(100_000, seed=seed))
+    statuses: Counter[int] = Counter()
+    http = LeanClient(*_host_port(gateway))
+    end = time.monotonic() + seconds
+
+    async def client() -> None:
+        while time.monotonic() < end:
+            try:
+                async with asyncio.timeout(NO_ANSWER_S):
+                    answer = await http.send(http.request(service.path, service.body(next(texts))))
+                statuses[answer.status] += 1
+            except (TimeoutError, OSError, asyncio.IncompleteReadError):
+                statuses[0] += 1
+
+    started = time.monotonic()
+    await asyncio.gather(*(client() for _ in range(CLIENTS)))
+    elapsed = time.monotonic() - started
+    await http.close()
+    return statuses[200], statuses, statuses[200] / elapsed
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def refusals_by_reason(gateway: str, service: Service) -> dict[str, float]:
+    """The gateway's count of requests refused before any work, by reason, so far (absent on older versions)."""
+    with urllib.request.urlopen(f"{gateway}/metrics", timeout=5) as response:  # noqa: S310 - loopback URL
+        text = response.read().decode()
+    return {reason: _metric(text, "sluice_gateway_refused_total", service=service.name, reason=reason) or 0.0
+            for reason in ("queue_full", "too_late", "queue_timeout")}
+
+
+def summary(service: Service, factor: float, rate: float, capacity: float, seconds: float, outcome: Outcome,
+            client_cpu_s: float, gateway_cpu_s: float) -> dict[str, Any]:
+    ok = np.array(outcome.ok_latencies) * 1000 if outcome.ok_latencies else np.zeros(1)
+    refused = sum(n for status, n in outcome.statuses.items() if status in (429, 503))
+    return {
+        "load": factor,
+        "offered_per_s": round(outcome.sent / seconds, 1),
+        "goodput_per_s": round(outcome.goodput_answers / seconds, 1),
+        "goodput_over_capacity": round(outcome.goodput_answers / seconds / capacity, 3),
+        "ok_p50_ms": round(float(np.percentile(ok, 50)), 1),
+        "ok_p99_ms": round(float(np.percentile(ok, 99)), 1),
+        "statuses": {str(status): n for status, n in sorted(outcome.statuses.items())},
+        "late_answers": outcome.late,
+        "no_answer": outcome.no_answer,
+        "connection_errors": outcome.connection_errors,
+        "refusals_without_retry_after": outcome.refusals_without_retry_after,
+        "refused_by_reason": outcome.refused_by_reason,
+        "deepest_gateway_queue": outcome.deepest_gateway_queue,
+        "deepest_triton_queue": outcome.deepest_triton_queue,
+        "max_queue_size": service.max_queue_size,
+        "load_generator_cpu_us_per_request": round(1e6 * client_cpu_s / max(1, outcome.sent)),
+        "gateway_cpu_us_per_request": round(1e6 * gateway_cpu_s / max(1, outcome.sent)),
+        "gateway_cpu_s": round(gateway_cpu_s, 3),
+        "refused": refused,
+    }
+
+
+async def measure(gateway: str, gateway_pid: int, triton_metrics: str, services: list[Service],
+                  loads: list[float], seconds: float, capacity_seconds: float, nominal_seconds: float,
+                  label: str) -> dict[str, Any]:
+    report: dict[str, Any] = {}
+    # The first request after start, of each service, is a big one.
+    first = {service.name: (await big_requests(gateway, service, 1, 0, seed=500 + i))[0]
+             for i, service in enumerate(services)}
+    for index, service in enumerate(services):
+        print(f"[{label}] {service.name} first request after start, big: {json.dumps(first[service.name])}", flush=True)
+        await closed_loop(gateway, service, 3, seed=1000 + index)  # warm-up
+        _, _, capacity = await closed_loop(gateway, service, capacity_seconds, seed=2000 + index)
+        steps = []
+        for step, factor in enumerate(loads):
+            rate = factor * capacity
+            gateway_before = cpu_seconds(gateway_pid)
+            reasons_before = refusals_by_reason(gateway, service)
+            outcome, client_cpu = await open_loop(gateway, triton_metrics, service, rate, seconds,
+                                                  seed=3000 + 10 * index + step)
+            outcome.refused_by_reason = {reason: count - reasons_before[reason]
+                                         for reason, count in refusals_by_reason(gateway, service).items()}
+            line = summary(service, factor, rate, capacity, seconds, outcome, client_cpu,
+                           cpu_seconds(gateway_pid) - gateway_before)
+            steps.append(line)
+            print(f"[{label}] {service.name} {factor}x: {json.dumps(line)}", flush=True)
+            await asyncio.sleep(2)  # let the queues drain between steps
+        entry: dict[str, Any] = {"capacity_per_s": round(capacity, 1), "steps": steps,
+                                 "gateway_cpu_us_per_refusal": refusal_cost(steps),
+                                 "first_request_big": first[service.name]}
+        if nominal_seconds:
+            # Big requests while CLIENTS single-item clients keep the service at its nominal load.
+            loaded, big = await asyncio.gather(
+                closed_loop(gateway, service, nominal_seconds, seed=4000 + index),
+                big_requests(gateway, service, 3, min(20.0, nominal_seconds / 4), seed=600 + index),
+            )
+            answered, statuses, throughput = loaded
+            entry["nominal"] = {"clients": CLIENTS, "seconds": nominal_seconds, "per_s": round(throughput, 1),
+                                "answered": answered, "statuses": {str(s): n for s, n in sorted(statuses.items())},
+                                "big_requests_meanwhile": big}
+            print(f"[{label}] {service.name} nominal: {json.dumps(entry['nominal'])}", flush=True)
+        report[service.name] = entry
+    return report
+
+
+def refusal_cost(steps: list[dict[str, Any]]) -> float | None:
+    """Gateway CPU per refusal, from the step at 1x (CPU per answered request, nearly all 200s) and the most loaded
+    step: what that step spent beyond its 200s at the 1x cost, per refusal."""
+    nominal = next((s for s in steps if s["load"] == 1.0), None)
+    loaded = max(steps, key=lambda s: s["refused"])
+    if nominal is None or not loaded["refused"]:
+        return None
+    served_cost = nominal["gateway_cpu_s"] / max(1, nominal["statuses"].get("200", 0))
+    extra = loaded["gateway_cpu_s"] - served_cost * loaded["statuses"].get("200", 0)
+    return float(round(1e6 * extra / loaded["refused"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=Path("config.yaml"))
+    parser.add_argument("--services", default="embedding_service,reranker_service")
+    parser.add_argument("--loads", default="0.5,1,2,3")
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--capacity-seconds", type=float, default=10)
+    parser.add_argument("--nominal-seconds", type=float, default=0)
+    parser.add_argument("--redis", choices=("both", "on", "off"), default="both")
+    parser.add_argument("--source", type=Path, default=Path.cwd(), help="checkout whose `sluice up` serves")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+
+    loads = [float(f) for f in args.loads.split(",")]
+    export_cache = args.config.resolve().parent / ".sluice" / "cache"  # the ONNX export is done once, not per run
+    report: dict[str, Any] = {"cores": os.cpu_count(), "seconds_per_step": args.seconds, "runs": {}}
+    with tempfile.TemporaryDirectory(prefix="sluice-overload-") as scratch:
+        root = Path(scratch) / "stack"
+        root.mkdir()
+        for label in {"both": ("memory", "redis"), "on": ("redis",), "off": ("memory",)}[args.redis]:
+            ports = free_ports(4)
+            data, services = scratch_config(args.config.resolve(), args.services.split(","), ports)
+            config = root / "config.yaml"
+            config.write_text(yaml.safe_dump(data), encoding="utf-8")
+            gateway, triton_metrics = f"http://127.0.0.1:{ports[3]}", f"http://127.0.0.1:{ports[2]}/metrics"
+            with (redis_server() if label == "redis" else _no_redis()) as redis_url, \
+                    sluice_up(config, args.source.resolve(), redis_url, gateway, export_cache) as pid:
+                report["runs"][label] = uvloop.run(measure(
+                    gateway, pid, triton_metrics, services, loads, args.seconds, args.capacity_seconds,
+                    args.nominal_seconds, label,
+                ))
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+@contextmanager
+def _no_redis() -> Iterator[None]:
+    yield None
+
+
+if __name__ == "__main__":
+    main()
