@@ -51,12 +51,14 @@ import yaml
 from benchmarks.embeddings import cpu_seconds
 from benchmarks.http_client import LeanClient
 from benchmarks.texts import benchmark_texts
+from compiler.defaults import TYPE_DEFAULTS
 from sluice.triton_server import free_ports
 
 CLIENTS = 16
 NO_ANSWER_S = 5.0  # a request still unanswered after this long counts as left without an answer
 LATE_SLACK_S = 0.05  # an answer later than total_timeout + this is late
 BIG_EMBEDDING, BIG_RERANK = 1000, 100  # items in a big request (LangChain sends 1,000 texts a request)
+BIG_PHASE_S = 30.0  # how long big requests are sent beside the nominal load
 _SAMPLE = re.compile(r'^(?P<name>[a-z_]+)\{(?P<labels>[^}]*)\} (?P<value>\S+)$', re.MULTILINE)
 
 
@@ -65,6 +67,7 @@ class Service:
     name: str
     type: str  # embedding | reranker
     total_timeout: float
+    queue_timeout: float
     max_queue_size: int
 
     @property
@@ -98,7 +101,7 @@ def scratch_config(config: Path, services: list[str], ports: list[int]) -> tuple
         if path.exists():
             model["model_name"] = str(path.resolve())
         models[service["model"]] = model
-        described.append((name, model["type"], runtime))
+        described.append((name, model["type"], {**TYPE_DEFAULTS[model["type"]], **runtime}))
     http, grpc, metrics, gateway = ports
     scratch = {
         "models": models,
@@ -107,7 +110,8 @@ def scratch_config(config: Path, services: list[str], ports: list[int]) -> tuple
         "gateway": {"port": gateway},
     }
     return scratch, [
-        Service(name, kind, float(runtime.get("total_timeout", 0.5)), int(runtime.get("max_queue_size", 500)))
+        Service(name, kind, float(runtime["total_timeout"]), float(runtime["queue_timeout"]),
+                int(runtime["max_queue_size"]))
         for name, kind, runtime in described
     ]
 
@@ -184,6 +188,7 @@ class Outcome:
     sent: int = 0
     statuses: Counter[int] = field(default_factory=Counter)
     ok_latencies: list[float] = field(default_factory=list)
+    refused_latencies: list[float] = field(default_factory=list)  # 429s and 503s: how long a refusal took
     goodput_answers: int = 0
     late: int = 0  # answered (any status) later than total_timeout + LATE_SLACK_S
     no_answer: int = 0  # still unanswered after NO_ANSWER_S
@@ -215,8 +220,10 @@ async def _send(client: LeanClient, request: bytes, service: Service, outcome: O
         outcome.ok_latencies.append(elapsed)
         if elapsed <= service.total_timeout:
             outcome.goodput_answers += 1
-    elif status in (429, 503) and not retry_after:
-        outcome.refusals_without_retry_after += 1
+    elif status in (429, 503):
+        outcome.refused_latencies.append(elapsed)
+        if not retry_after:
+            outcome.refusals_without_retry_after += 1
 
 
 async def _sample_queues(gateway: str, triton_metrics: str, service: Service, outcome: Outcome,
@@ -326,6 +333,7 @@ def refusals_by_reason(gateway: str, service: Service) -> dict[str, float]:
 def summary(service: Service, factor: float, rate: float, capacity: float, seconds: float, outcome: Outcome,
             client_cpu_s: float, gateway_cpu_s: float) -> dict[str, Any]:
     ok = np.array(outcome.ok_latencies) * 1000 if outcome.ok_latencies else np.zeros(1)
+    no = np.array(outcome.refused_latencies) * 1000 if outcome.refused_latencies else np.zeros(1)
     refused = sum(n for status, n in outcome.statuses.items() if status in (429, 503))
     return {
         "load": factor,
@@ -334,6 +342,9 @@ def summary(service: Service, factor: float, rate: float, capacity: float, secon
         "goodput_over_capacity": round(outcome.goodput_answers / seconds / capacity, 3),
         "ok_p50_ms": round(float(np.percentile(ok, 50)), 1),
         "ok_p99_ms": round(float(np.percentile(ok, 99)), 1),
+        "refused_p50_ms": round(float(np.percentile(no, 50)), 1),
+        "refused_p99_ms": round(float(np.percentile(no, 99)), 1),
+        "refused_max_ms": round(float(no.max()), 1),
         "statuses": {str(status): n for status, n in sorted(outcome.statuses.items())},
         "late_answers": outcome.late,
         "no_answer": outcome.no_answer,
@@ -343,6 +354,7 @@ def summary(service: Service, factor: float, rate: float, capacity: float, secon
         "deepest_gateway_queue": outcome.deepest_gateway_queue,
         "deepest_triton_queue": outcome.deepest_triton_queue,
         "max_queue_size": service.max_queue_size,
+        "queue_timeout_ms": round(1000 * service.queue_timeout),
         "load_generator_cpu_us_per_request": round(1e6 * client_cpu_s / max(1, outcome.sent)),
         "gateway_cpu_us_per_request": round(1e6 * gateway_cpu_s / max(1, outcome.sent)),
         "gateway_cpu_s": round(gateway_cpu_s, 3),
@@ -379,16 +391,18 @@ async def measure(gateway: str, gateway_pid: int, triton_metrics: str, services:
                                  "gateway_cpu_us_per_refusal": refusal_cost(steps),
                                  "first_request_big": first[service.name]}
         if nominal_seconds:
-            # Big requests while CLIENTS single-item clients keep the service at its nominal load.
-            loaded, big = await asyncio.gather(
-                closed_loop(gateway, service, nominal_seconds, seed=4000 + index),
-                big_requests(gateway, service, 3, min(20.0, nominal_seconds / 4), seed=600 + index),
-            )
-            answered, statuses, throughput = loaded
+            answered, statuses, throughput = await closed_loop(gateway, service, nominal_seconds, seed=4000 + index)
             entry["nominal"] = {"clients": CLIENTS, "seconds": nominal_seconds, "per_s": round(throughput, 1),
-                                "answered": answered, "statuses": {str(s): n for s, n in sorted(statuses.items())},
-                                "big_requests_meanwhile": big}
+                                "answered": answered, "statuses": {str(s): n for s, n in sorted(statuses.items())}}
             print(f"[{label}] {service.name} nominal: {json.dumps(entry['nominal'])}", flush=True)
+        # Big requests while CLIENTS single-item clients keep the service at its nominal load.
+        loaded, big = await asyncio.gather(
+            closed_loop(gateway, service, BIG_PHASE_S, seed=5000 + index),
+            big_requests(gateway, service, 3, BIG_PHASE_S / 4, seed=600 + index),
+        )
+        entry["big_at_nominal"] = {"big_requests": big, "small_statuses": {str(s): n for s, n in loaded[1].items()}}
+        print(f"[{label}] {service.name} big requests at nominal load: {json.dumps(entry['big_at_nominal'])}",
+              flush=True)
         report[service.name] = entry
     return report
 
@@ -418,7 +432,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
-    loads = [float(f) for f in args.loads.split(",")]
+    loads = [float(f) for f in args.loads.split(",") if f]
     export_cache = args.config.resolve().parent / ".sluice" / "cache"  # the ONNX export is done once, not per run
     report: dict[str, Any] = {"cores": os.cpu_count(), "seconds_per_step": args.seconds, "runs": {}}
     with tempfile.TemporaryDirectory(prefix="sluice-overload-") as scratch:
