@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -296,7 +297,8 @@ async def big_requests(gateway: str, service: Service, count: int, gap_s: float,
 
 async def closed_loop(gateway: str, service: Service, seconds: float, seed: int) -> tuple[int, Counter[int], float]:
     """CLIENTS clients, each sending one request and awaiting it, for ``seconds``: 200s per second, statuses."""
-    texts = iter(benchmark_texts(100_000, seed=seed))
+    pool = benchmark_texts(10_000, seed=seed)
+    texts = (f"{text} r{i // len(pool)}" for i, text in enumerate(itertools.cycle(pool)))  # endless, distinct
     statuses: Counter[int] = Counter()
     http = LeanClient(*_host_port(gateway))
     end = time.monotonic() + seconds
@@ -411,8 +413,8 @@ def refusal_cost(steps: list[dict[str, Any]]) -> float | None:
     """Gateway CPU per refusal, from the step at 1x (CPU per answered request, nearly all 200s) and the most loaded
     step: what that step spent beyond its 200s at the 1x cost, per refusal."""
     nominal = next((s for s in steps if s["load"] == 1.0), None)
-    loaded = max(steps, key=lambda s: s["refused"])
-    if nominal is None or not loaded["refused"]:
+    loaded = max(steps, key=lambda s: s["refused"], default=None)
+    if nominal is None or loaded is None or not loaded["refused"]:
         return None
     served_cost = nominal["gateway_cpu_s"] / max(1, nominal["statuses"].get("200", 0))
     extra = loaded["gateway_cpu_s"] - served_cost * loaded["statuses"].get("200", 0)
