@@ -1,10 +1,12 @@
-"""Small helpers shared by the compiler tests."""
+"""Small helpers shared by the tests."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +73,19 @@ def sample_value(text: str, name: str, **labels: str) -> float:
         if match and all(f'{key}="{value}"' in match.group(1) for key, value in labels.items()):
             return float(match.group(2))
     return 0.0
+
+
+@contextlib.contextmanager
+def compiled_triton(root: Path, config: dict[str, Any], export_cache: Path) -> Iterator[tuple[Any, Path]]:
+    """``config`` compiled into ``root/model_repository`` and served by a real tritonserver on free loopback ports:
+    the server and the repository, until the block ends."""
+    from compiler.pipeline import compile_repository
+    from compiler.schema import Server
+    from sluice.triton_server import TritonServer, TritonSettings, free_ports
+
+    repository = root / "model_repository"
+    compile_repository(write_yaml(root, config), repository, cache_root=export_cache)
+    http_port, grpc_port, metrics_port = free_ports(3)
+    server = Server(http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
+    with TritonServer(TritonSettings(repository, root / "work", server), startup_timeout=240) as triton:
+        yield triton, repository

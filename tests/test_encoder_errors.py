@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from runtimes.encoders import Encoded
-from tests.helpers import write_yaml
+from tests.helpers import compiled_triton
 
 # --- runtimes/_triton.py against a fake triton_python_backend_utils ----------------------------------------------
 
@@ -74,9 +74,6 @@ def encoders(
     tmp_path_factory: pytest.TempPathFactory, demo_models: dict[str, Path], export_cache: Path
 ) -> Iterator[str]:
     """A compiled repository of one embedding and one reranker service on tritonserver; its HTTP address."""
-    from compiler.pipeline import compile_repository
-    from compiler.schema import Server
-    from sluice.triton_server import TritonServer, TritonSettings, free_ports
 
     root = tmp_path_factory.mktemp("encoders")
     config = {
@@ -89,13 +86,7 @@ def encoders(
             "reranker_service": {"model": "cross_encoder", "runtime": {"worker_count": 1}},
         },
     }
-    repository = root / "model_repository"
-    compile_repository(write_yaml(root, config), repository, cache_root=export_cache)
-    http_port, grpc_port, metrics_port = free_ports(3)
-    settings = TritonSettings(
-        repository, root / "work", Server(http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
-    )
-    with TritonServer(settings, startup_timeout=240) as server:
+    with compiled_triton(root, config, export_cache) as (server, _):
         yield server.http_address
 
 

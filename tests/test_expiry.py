@@ -22,7 +22,7 @@ import pytest
 
 from runtimes.encoders import OnnxEncoder, cosine_scores, long_texts
 from runtimes.signatures import START_BY_PARAMETER
-from tests.helpers import metrics_text, sample_value, write_yaml
+from tests.helpers import compiled_triton, metrics_text, sample_value
 
 # --- runtimes/_triton.py against a fake triton_python_backend_utils ----------------------------------------------
 
@@ -204,10 +204,6 @@ ROUNDS = 3  # full batches sent expired, then on time, in the start-by test
 def triton(tmp_path_factory: pytest.TempPathFactory, demo_models: dict[str, Path], export_cache: Path) -> Iterator[Any]:
     """One embedding and one reranker service for the start-by tests, and a fresh pair that only the warm-up test
     sends to (so that its first request is the first after start whatever tests run)."""
-    from compiler.pipeline import compile_repository
-    from compiler.schema import Server
-    from sluice.triton_server import TritonServer, TritonSettings, free_ports
-
     root = tmp_path_factory.mktemp("expiry")
     runtime = {"worker_count": 1, "batch_size": BATCH_SIZE}
     config = {
@@ -223,13 +219,7 @@ def triton(tmp_path_factory: pytest.TempPathFactory, demo_models: dict[str, Path
             "warm_reranker": {"model": "cross_encoder", "runtime": runtime},
         },
     }
-    repository = root / "model_repository"
-    compile_repository(write_yaml(root, config), repository, cache_root=export_cache)
-    http_port, grpc_port, metrics_port = free_ports(3)
-    settings = TritonSettings(
-        repository, root / "work", Server(http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
-    )
-    with TritonServer(settings, startup_timeout=240) as server:
+    with compiled_triton(root, config, export_cache) as (server, _):
         yield server
 
 

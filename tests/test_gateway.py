@@ -22,16 +22,14 @@ import openai
 import pytest
 
 from benchmarks.bare_forwarder import forwarder
-from compiler.pipeline import compile_repository
-from compiler.schema import Server
 from gateway.batcher import Batcher
 from gateway.errors import GatewayError
 from gateway.settings import GatewaySettings, Route
 from gateway.triton import Triton, text_column
 from runtimes.signatures import output_names
-from sluice.triton_server import TritonServer, TritonSettings, free_ports
+from sluice.triton_server import TritonServer, free_ports
 from tests.gateway_server import AppServer, GatewayServer
-from tests.helpers import metrics_text, sample_value, write_yaml
+from tests.helpers import compiled_triton, metrics_text, sample_value
 
 pytestmark = pytest.mark.integration
 
@@ -75,14 +73,8 @@ def gateway_config(models: dict[str, Path]) -> dict[str, Any]:
 def stack(
     tmp_path_factory: pytest.TempPathFactory, demo_models: dict[str, Path], export_cache: Path
 ) -> Iterator[tuple[TritonServer, Path]]:
-    root = tmp_path_factory.mktemp("gateway-stack")
-    repository = root / "model_repository"
-    compile_repository(write_yaml(root, gateway_config(demo_models)), repository, cache_root=export_cache)
-    http_port, grpc_port, metrics_port = free_ports(3)
-    settings = TritonSettings(repository, root / "work",
-                              Server(http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port))
-    with TritonServer(settings, startup_timeout=240) as server:
-        yield server, repository
+    with compiled_triton(tmp_path_factory.mktemp("gateway-stack"), gateway_config(demo_models), export_cache) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")

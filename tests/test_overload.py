@@ -15,12 +15,9 @@ import httpx
 import pytest
 import yaml
 
-from compiler.pipeline import compile_repository
-from compiler.schema import Server
 from gateway.settings import GatewaySettings
-from sluice.triton_server import TritonServer, TritonSettings, free_ports
 from tests.gateway_server import GatewayServer
-from tests.helpers import metrics_text, sample_value, write_yaml
+from tests.helpers import compiled_triton, metrics_text, sample_value
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parent.parent
@@ -45,11 +42,7 @@ def gateway(
     tmp_path_factory: pytest.TempPathFactory, demo_models: dict[str, Path], export_cache: Path
 ) -> Iterator[str]:
     root = tmp_path_factory.mktemp("demo-encoders")
-    repository = root / "model_repository"
-    compile_repository(write_yaml(root, demo_encoders(demo_models)), repository, cache_root=export_cache)
-    http, grpc, metrics = free_ports(3)
-    settings = TritonSettings(repository, root / "work", Server(http_port=http, grpc_port=grpc, metrics_port=metrics))
-    with TritonServer(settings, startup_timeout=240) as triton:
+    with compiled_triton(root, demo_encoders(demo_models), export_cache) as (triton, repository):
         gateway_settings = GatewaySettings.from_repository(repository, triton_grpc=triton.grpc_url, environ={})
         with GatewayServer(gateway_settings) as server:
             yield server.url

@@ -20,10 +20,8 @@ import tritonclient.grpc.aio as grpc_aio
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from compiler.pipeline import compile_repository
-from compiler.schema import Server
-from sluice.triton_server import TritonServer, TritonSettings, free_ports
-from tests.helpers import metrics_text, sample_value, write_yaml
+from sluice.triton_server import TritonServer
+from tests.helpers import compiled_triton, metrics_text, sample_value
 
 pytestmark = pytest.mark.integration
 
@@ -68,14 +66,7 @@ def stack_config(models: dict[str, Path]) -> dict[str, Any]:
 def triton(
     tmp_path_factory: pytest.TempPathFactory, demo_models: dict[str, Path], export_cache: Path
 ) -> Iterator[TritonServer]:
-    root = tmp_path_factory.mktemp("stack")
-    repository = root / "model_repository"
-    compile_repository(write_yaml(root, stack_config(demo_models)), repository, cache_root=export_cache)
-    http_port, grpc_port, metrics_port = free_ports(3)
-    settings = TritonSettings(
-        repository, root / "work", Server(http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
-    )
-    with TritonServer(settings, startup_timeout=240) as server:
+    with compiled_triton(tmp_path_factory.mktemp("stack"), stack_config(demo_models), export_cache) as (server, _):
         yield server
 
 
