@@ -3,8 +3,6 @@ its HTTP API answers with 400 (not 500, an internal error), as it already was fo
 
 from __future__ import annotations
 
-import importlib
-import sys
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,38 +12,15 @@ import numpy as np
 import pytest
 
 from runtimes.encoders import Encoded
+from tests.fake_pb_utils import FakeTritonError, runtime_helpers
 from tests.helpers import compiled_triton
 
 # --- runtimes/_triton.py against a fake triton_python_backend_utils ----------------------------------------------
 
 
-class FakeTritonError:
-    INVALID_ARG, INTERNAL = 3, 13
-
-    def __init__(self, message: str, code: int | None = None) -> None:
-        self.message, self.code = message, code
-
-
-class FakeResponse:
-    def __init__(self, output_tensors: list[Any] | None = None, error: FakeTritonError | None = None) -> None:
-        self.output_tensors, self.error = output_tensors or [], error
-
-
 @pytest.fixture
 def triton_helpers(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.ModuleType]:
-    fake = types.ModuleType("triton_python_backend_utils")
-    fake.__dict__.update(
-        TritonError=FakeTritonError,
-        InferenceResponse=FakeResponse,
-        Tensor=lambda name, array: (name, array),
-        get_input_tensor_by_name=lambda request, name: (
-            types.SimpleNamespace(as_numpy=lambda: request[name]) if name in request else None
-        ),
-    )
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
-    monkeypatch.delitem(sys.modules, "runtimes._triton", raising=False)
-    yield importlib.import_module("runtimes._triton")
-    sys.modules.pop("runtimes._triton", None)  # imported against the fake: no later test may get this copy
+    yield from runtime_helpers(monkeypatch)
 
 
 def test_encoder_responses_answer_invalid_arg_only_to_the_bad_request_when_one_is_not_utf8(

@@ -7,57 +7,23 @@ runs as warm as the later ones.
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
-import sys
 import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import Any, cast
 
 import numpy as np
 import pytest
 
 from runtimes.encoders import OnnxEncoder, cosine_scores, long_texts
 from runtimes.signatures import START_BY_PARAMETER
+from tests.fake_pb_utils import FINAL, FakeMetricFamily, FakeResponse, FakeTritonError, runtime_helpers
 from tests.helpers import compiled_triton, metrics_text, sample_value
 
 # --- runtimes/_triton.py against a fake triton_python_backend_utils ----------------------------------------------
-
-
-class FakeTritonError:
-    INVALID_ARG, UNAVAILABLE, INTERNAL = 3, 14, 13
-
-    def __init__(self, message: str, code: int | None = None) -> None:
-        self.message, self.code = message, code
-
-
-class FakeResponse:
-    def __init__(self, output_tensors: list[Any] | None = None, error: FakeTritonError | None = None) -> None:
-        self.output_tensors, self.error = output_tensors or [], error
-
-
-class FakeCounter:
-    def __init__(self, labels: dict[str, str]) -> None:
-        self.labels, self.value = labels, 0.0
-
-    def increment(self, value: float) -> None:
-        self.value += value
-
-
-class FakeMetricFamily:
-    COUNTER = "counter"
-    families: ClassVar[list[FakeMetricFamily]] = []
-
-    def __init__(self, name: str, description: str, kind: str) -> None:
-        self.name, self.kind, self.metrics = name, kind, list[FakeCounter]()
-        FakeMetricFamily.families.append(self)
-
-    def Metric(self, labels: dict[str, str]) -> FakeCounter:
-        self.metrics.append(FakeCounter(labels))
-        return self.metrics[-1]
 
 
 class FakeSender:
@@ -79,23 +45,9 @@ class FakeRequest:
         return self.sender
 
 
-FINAL = 1
-
-
 @pytest.fixture
 def triton_helpers(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.ModuleType]:
-    fake = types.ModuleType("triton_python_backend_utils")
-    fake.__dict__.update(
-        TritonError=FakeTritonError,
-        InferenceResponse=FakeResponse,
-        MetricFamily=FakeMetricFamily,
-        TRITONSERVER_RESPONSE_COMPLETE_FINAL=FINAL,
-    )
-    FakeMetricFamily.families.clear()
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
-    monkeypatch.delitem(sys.modules, "runtimes._triton", raising=False)
-    yield importlib.import_module("runtimes._triton")
-    sys.modules.pop("runtimes._triton", None)  # imported against the fake: no later test may get this copy
+    yield from runtime_helpers(monkeypatch)
 
 
 NOW_US = 1_800_000_000_000_000

@@ -1,0 +1,68 @@
+"""A stand-in for ``triton_python_backend_utils`` (which exists only inside Triton's Python stub), enough for the
+encoder runtime's helpers (runtimes/_triton.py) to be tested in-process: errors, responses, custom metrics and
+input tensors of plain dict requests ({input name: array})."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import pytest
+
+FINAL = 1  # TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class FakeTritonError:
+    INVALID_ARG, INTERNAL, UNAVAILABLE = 3, 13, 14
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        self.message, self.code = message, code
+
+
+class FakeResponse:
+    def __init__(self, output_tensors: list[Any] | None = None, error: FakeTritonError | None = None) -> None:
+        self.output_tensors, self.error = output_tensors or [], error
+
+
+class FakeCounter:
+    def __init__(self, labels: dict[str, str]) -> None:
+        self.labels, self.value = labels, 0.0
+
+    def increment(self, value: float) -> None:
+        self.value += value
+
+
+class FakeMetricFamily:
+    COUNTER = "counter"
+    families: ClassVar[list[FakeMetricFamily]] = []
+
+    def __init__(self, name: str, description: str, kind: str) -> None:
+        self.name, self.kind, self.metrics = name, kind, list[FakeCounter]()
+        FakeMetricFamily.families.append(self)
+
+    def Metric(self, labels: dict[str, str]) -> FakeCounter:
+        self.metrics.append(FakeCounter(labels))
+        return self.metrics[-1]
+
+
+def runtime_helpers(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.ModuleType]:
+    """``runtimes._triton`` imported against the fake (for a fixture to yield); no later test gets this copy."""
+    fake = types.ModuleType("triton_python_backend_utils")
+    fake.__dict__.update(
+        TritonError=FakeTritonError,
+        InferenceResponse=FakeResponse,
+        MetricFamily=FakeMetricFamily,
+        TRITONSERVER_RESPONSE_COMPLETE_FINAL=FINAL,
+        Tensor=lambda name, array: (name, array),
+        get_input_tensor_by_name=lambda request, name: (
+            types.SimpleNamespace(as_numpy=lambda: request[name]) if name in request else None
+        ),
+    )
+    FakeMetricFamily.families.clear()
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
+    monkeypatch.delitem(sys.modules, "runtimes._triton", raising=False)
+    yield importlib.import_module("runtimes._triton")
+    sys.modules.pop("runtimes._triton", None)
