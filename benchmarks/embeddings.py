@@ -256,11 +256,7 @@ def served_process(module_args: list[str], what: str) -> Iterator[tuple[str, int
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while not _ready(url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{what} did not start: {process.stderr.read() if process.stderr else ''}")
-            time.sleep(0.2)
+        wait_until_ready(process, url, what, timeout_s=60)
         yield url, process.pid
     finally:
         process.send_signal(signal.SIGINT)
@@ -277,6 +273,15 @@ def gateway_process(repository: Path, grpc_url: str) -> AbstractContextManager[t
 def bare_forwarder_process(grpc_url: str) -> AbstractContextManager[tuple[str, int]]:
     """The reference forwarder (benchmarks/bare_forwarder.py) in its own process."""
     return served_process(["benchmarks.bare_forwarder", "--triton-grpc", grpc_url], "the bare forwarder")
+
+
+def wait_until_ready(process: subprocess.Popen[str], url: str, what: str, timeout_s: float) -> None:
+    """Until ``url``/ready answers 200; RuntimeError with the process's stderr if it exits or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while not _ready(url):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start: {process.stderr.read() if process.stderr else ''}")
+        time.sleep(0.2)
 
 
 def _ready(url: str) -> bool:

@@ -49,7 +49,7 @@ import numpy as np
 import uvloop
 import yaml
 
-from benchmarks.embeddings import cpu_seconds
+from benchmarks.embeddings import cpu_seconds, wait_until_ready
 from benchmarks.http_client import LeanClient
 from benchmarks.texts import benchmark_texts
 from compiler.defaults import TYPE_DEFAULTS
@@ -148,11 +148,7 @@ def sluice_up(config: Path, source: Path, redis_url: str | None, gateway: str, e
         cwd=source, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 300
-        while not _ready(gateway):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"sluice up did not start: {process.stderr.read() if process.stderr else ''}")
-            time.sleep(0.5)
+        wait_until_ready(process, gateway, "sluice up", timeout_s=300)
         yield process.pid
     finally:
         process.send_signal(signal.SIGINT)
@@ -161,14 +157,6 @@ def sluice_up(config: Path, source: Path, redis_url: str | None, gateway: str, e
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/ready", timeout=2) as response:  # noqa: S310 - loopback URL
-            return bool(response.status == 200)
-    except OSError:
-        return False
 
 
 def _metric(text: str, name: str, **labels: str) -> float | None:
