@@ -272,6 +272,8 @@ def flood(triton: TritonServer, service: str, count: int) -> list[str]:
             return ""
         except InferenceServerException as error:
             return str(error)
+        finally:
+            client.close()  # here, in its own thread: left to __del__, it closes in one without a gevent hub
 
     with ThreadPoolExecutor(max_workers=count) as pool:
         return list(pool.map(one, range(count)))
