@@ -26,7 +26,7 @@ import numpy.typing as npt
 from sluice.manifest import Route
 
 from .errors import GatewayError, Unavailable
-from .scheduler import Chunk, Refusal, ServiceQueue
+from .scheduler import WAITING, Chunk, Refusal, ServiceQueue
 from .triton import Tensors, Triton
 
 Inputs = Mapping[str, npt.NDArray[Any]]
@@ -188,7 +188,7 @@ class Batcher:
     def _leave(self, service: _Service, chunk: Chunk) -> None:
         """The caller of ``chunk`` gave up: out of the queue, or out of its call (cancelled when no one is left)."""
         pending: _Pending = chunk.payload
-        was_waiting = chunk.state == "waiting"
+        was_waiting = chunk.state == WAITING
         service.queue.remove(chunk)
         if was_waiting:
             self._on_depth(service.route.service, service.queue.waiting_chunks)

@@ -27,9 +27,9 @@ from .errors import BadRequest, DeadlineExceeded, GatewayError, Unavailable
 
 Tensors = dict[str, npt.NDArray[Any]]
 
-# Triton's messages for requests its queue policy turned away (tritonserver 2.51); the encoder runtimes answer a
-# request whose start-by passed with the second too (runtimes/_triton.py).
-_QUEUE_REFUSALS = ("Exceeds maximum queue size", "Request timeout expired")
+# Triton's messages for a request its queue policy turned away (tritonserver 2.51): a full queue, and a queue
+# timeout, which the encoder runtimes also answer for a request whose start-by passed (runtimes/_triton.py).
+_QUEUE_FULL, _QUEUE_TIMEOUT = "Exceeds maximum queue size", "Request timeout expired"
 # As tritonclient sets them: a batch of embeddings can exceed gRPC's default 4 MiB.
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]
 
@@ -156,10 +156,10 @@ def triton_error(service: str, code: grpc.StatusCode | None, message: str, timeo
     """Triton's refusal (a gRPC status, or a stream's error message) as the gateway error a client should see."""
     if code is grpc.StatusCode.DEADLINE_EXCEEDED or "Deadline Exceeded" in message:
         return DeadlineExceeded(f"{service} did not answer within {timeout:.3g} s; the request was cancelled")
-    if "Request timeout expired" in message:
+    if _QUEUE_TIMEOUT in message:
         return Unavailable(f"{service} is overloaded: the request waited past its queue_timeout (Triton: {message})",
                            headers={"Retry-After": "1"})
-    if any(refusal in message for refusal in _QUEUE_REFUSALS):
+    if _QUEUE_FULL in message:
         return Unavailable(f"{service} is overloaded: {message}", headers={"Retry-After": "1"})
     if code is grpc.StatusCode.UNAVAILABLE:
         return Unavailable(f"Triton is unreachable: {message}", headers={"Retry-After": "1"})

@@ -28,6 +28,7 @@ from runtimes.llm import (
     StopStringBuffer,
     load_generator,
 )
+from tests.fake_pb_utils import FakeMetricFamily
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
@@ -408,24 +409,6 @@ class FakeRequest:
 
     def get_response_sender(self) -> FakeSender:
         return self.sender
-
-
-class FakeMetric:
-    def __init__(self, labels: dict[str, str]) -> None:
-        self.labels, self.value = labels, 0.0
-
-    def increment(self, value: float) -> None:
-        self.value += value
-
-
-class FakeMetricFamily:
-    COUNTER = "counter"
-
-    def __init__(self, name: str, description: str, kind: str) -> None:
-        self.name = name
-
-    def Metric(self, labels: dict[str, str]) -> FakeMetric:
-        return FakeMetric(labels)
 
 
 def fake_pb_utils() -> types.ModuleType:
