@@ -48,8 +48,8 @@ def check(config: Config, runtimes: Mapping[str, ResolvedRuntime], cpu_count: in
     for name, runtime in runtimes.items():
         at = f"services.{name}.runtime"
         errors += _timeout_errors(at, runtime)
-        warnings += _strategy_warnings(at, runtime)
         served = config.models[config.services[name].model]
+        warnings += _strategy_warnings(at, runtime, llm=served.type == "llm")
         if served.type != "llm":
             warnings += _big_request_warnings(at, runtime, config.gateway.max_items)
         device = served.device
@@ -83,7 +83,7 @@ def _timeout_errors(at: str, r: ResolvedRuntime) -> list[ConfigIssue]:
     return errors
 
 
-def _strategy_warnings(at: str, r: ResolvedRuntime) -> list[ConfigIssue]:
+def _strategy_warnings(at: str, r: ResolvedRuntime, *, llm: bool) -> list[ConfigIssue]:
     warnings = []
     # Little's law: the rate limiter admits rate_limit req/s and each lives at most total_timeout seconds,
     # so no more than rate_limit * total_timeout can be queued or running at once.
@@ -95,9 +95,15 @@ def _strategy_warnings(at: str, r: ResolvedRuntime) -> list[ConfigIssue]:
             f"{r.total_timeout:g} = {alive:g} requests at most are alive at once (one gateway replica)",
         ))
     if r.batch_size > r.max_queue_size:
+        # The LLM's engine admits waiting requests into its running batch at every decode step, so its batch can
+        # still fill; only the first batch after an idle spell is capped by the queue.
+        consequence = (
+            f"an idle engine starts at most {r.max_queue_size} requests together (more join at later decode steps)"
+            if llm else "full batches can never form"
+        )
         warnings.append(ConfigIssue(
             f"{at}.batch_size",
-            f"{r.batch_size} is larger than max_queue_size ({r.max_queue_size}): full batches can never form",
+            f"{r.batch_size} is larger than max_queue_size ({r.max_queue_size}): {consequence}",
         ))
     return warnings
 

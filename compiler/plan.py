@@ -21,25 +21,19 @@ ARTIFACTS_DIR = "artifacts"
 
 
 @dataclass(frozen=True)
-class QueuePolicy:
-    """default_queue_policy. No default_timeout_microseconds: with one, tritonserver 2.51's dynamic batcher
-    leaves the last request of a burst waiting until that timeout and then rejects it, though the instance is
-    idle (a third of the requests of a 4+4+2-row burst; docs/triton-notes.md). queue_timeout is enforced by
-    the gateway instead. Without a default, Triton 2.51 ignores a direct client's per-request ``timeout`` (it can
-    only lower a non-zero default), so ``allow_timeout_override`` has no effect here."""
-
-    max_queue_size: int
-    timeout_action: str = "REJECT"
-    allow_timeout_override: bool = True
-
-
-@dataclass(frozen=True)
 class DynamicBatching:
+    """dynamic_batching, with no default_queue_policy for any service: Triton hands each request to ``execute`` at
+    once and the queue lives elsewhere (an encoder's in the gateway, the LLM's in its engine).
+
+    Why no queue policy. With one (max_queue_size, allow_timeout_override or a default timeout all turn Triton's
+    prefetching off), 14 of 30 bursts of 9 single-row requests waited 0.4-1.0 s for a lost wake-up with the
+    instance idle; 0 of 30 without (python -m benchmarks.burst_stall, docs/benchmarks.md). A default timeout also
+    left the last request of a burst waiting until it expired, then rejected it, though the instance was idle
+    (docs/triton-notes.md). Without a default, Triton 2.51 also ignores a client's per-request ``timeout``: the
+    runtimes refuse a request past its ``sluice_start_by_us`` themselves (the LLM's engine past queue_timeout too).
+    """
+
     max_queue_delay_microseconds: int
-    # None: no queue policy, so Triton keeps prefetching on. With one (max_queue_size, allow_timeout_override or a
-    # default timeout all turn prefetching off), 14 of 30 bursts of 9 single-row requests waited 0.4-1.0 s for a
-    # lost wake-up with the instance idle; 0 of 30 without (python -m benchmarks.burst_stall, docs/benchmarks.md).
-    default_queue_policy: QueuePolicy | None
 
 
 @dataclass(frozen=True)
@@ -84,7 +78,7 @@ class Enforcement:
     knob: str
     value: Any
     explicit: bool
-    where: str  # "triton" | "gateway" | "triton+gateway" | "gateway+runtime" | "none"
+    where: str  # "triton" | "gateway" | "runtime" | "triton+gateway" | "gateway+runtime" | "none"
     what: str
 
 
@@ -107,16 +101,17 @@ def plan_service(name: str, config: Config, runtime: ResolvedRuntime) -> Service
     triton = TritonModelPlan(
         name=name,
         backend="python",
+        # For the LLM only how many requests one execute may take: its engine bounds the sequences running.
         max_batch_size=runtime.batch_size,
         inputs=inputs,
         outputs=outputs,
+        # Triton holds nothing and has no queue policy (DynamicBatching says why): it runs what it is sent at once.
         # An encoder's requests wait in the gateway, which holds batches for batch_timeout and enforces
-        # max_queue_size and queue_timeout itself (gateway/scheduler.py): Triton runs what it is sent at once.
-        # The LLM is scheduled by Triton until it has an engine of its own.
-        dynamic_batching=DynamicBatching(
-            max_queue_delay_microseconds=microseconds(runtime.batch_timeout) if decoupled else 0,
-            default_queue_policy=QueuePolicy(max_queue_size=runtime.max_queue_size) if decoupled else None,
-        ),
+        # max_queue_size and queue_timeout itself (gateway/scheduler.py). The LLM's execute only hands each request
+        # to the model's engine (runtimes/llm_engine.py), which owns the waiting queue and the running batch and
+        # enforces batch_size, batch_timeout, max_queue_size and queue_timeout from `parameters`; a Triton queue in
+        # front of it would only hold requests the engine could already be admitting at its next decode step.
+        dynamic_batching=DynamicBatching(max_queue_delay_microseconds=0),
         instance_group=_instance_group(model.device, runtime.worker_count),
         # No response_cache: Triton 2.51 caches error responses too, as answers without outputs, so a request
         # refused once (expired, or bad input) would be answered empty ever after. The gateway caches per item.
@@ -162,8 +157,18 @@ def _parameters(model: AnyModel, runtime: ResolvedRuntime) -> dict[str, str]:
         worker_count=runtime.worker_count,
         # 0: the runtime derives its threads from the cores it finds and worker_count.
         intra_op_threads=0,
-        default_max_tokens=model.max_tokens if isinstance(model, LLMModel) else None,
+        **(_engine_parameters(model, runtime) if isinstance(model, LLMModel) else {}),
     ).to_config()
+
+
+def _engine_parameters(model: LLMModel, runtime: ResolvedRuntime) -> dict[str, int]:
+    """What the LLM's engine schedules by (runtimes/llm_engine.py): it owns the queue, not Triton."""
+    return {
+        "default_max_tokens": model.max_tokens,
+        "batch_size": runtime.batch_size,
+        "batch_timeout_us": microseconds(runtime.batch_timeout),
+        "max_queue_size": runtime.max_queue_size,
+    }
 
 
 def enforcement(plan: ServicePlan) -> list[Enforcement]:
@@ -176,16 +181,32 @@ def enforcement(plan: ServicePlan) -> list[Enforcement]:
     placement = f"{group.kind} on GPUs {list(group.gpus)}" if group.gpus else group.kind
     deadline = "each Triton call's deadline (queue_timeout + inference_timeout, then gRPC cancel and 504)"
     rows: dict[str, tuple[str, str]]
-    if plan.model.type == "llm":  # scheduled by Triton's dynamic batcher, one prompt a request
+    if plan.model.type == "llm":  # scheduled by the model's own engine (runtimes/llm_engine.py), one prompt a request
         rows = {
-            "batch_size": ("triton", "max_batch_size: one dynamic batch decodes together"),
-            "batch_timeout": ("triton", "dynamic_batching.max_queue_delay_microseconds"),
-            "max_queue_size": ("triton", "dynamic_batching.default_queue_policy.max_queue_size (REJECT: 503)"),
-            "worker_count": ("triton", f"instance_group.count of {placement}"),
-            "queue_timeout": ("gateway", f"part of {deadline}"),
+            "batch_size": (
+                "runtime",
+                "sequences decoding at once in the model's engine: a request joins the running batch at the next "
+                "decode step, a finished one leaves at once",
+            ),
+            "batch_timeout": (
+                "runtime",
+                "only when the engine is idle: how long the first arrival waits for company before its prefill",
+            ),
+            "max_queue_size": (
+                "runtime",
+                'requests waiting in the engine; one more is refused at once (UNAVAILABLE "Exceeds maximum queue '
+                'size": 503 with Retry-After)',
+            ),
+            "worker_count": ("triton", f"instance_group.count of {placement}; each instance runs an engine of its own"),
+            "queue_timeout": (
+                "gateway+runtime",
+                'a request not started by then is refused at the next decode step (UNAVAILABLE "Request timeout '
+                "expired\": 503); the gateway's requests carry it as sluice_start_by_us",
+            ),
             "inference_timeout": (
-                "triton+gateway",
-                f"{deadline}; parameters.inference_timeout_s: the runtime stops generating (finish_reason timeout)",
+                "gateway+runtime",
+                "from the moment a request starts generating: the engine ends it with finish_reason timeout; "
+                f"{deadline}",
             ),
             "total_timeout": ("gateway", "one deadline from arrival to the last byte, the stream included (504)"),
             "rate_limit": ("gateway", "requests per second per service (memory or Redis): 429"),

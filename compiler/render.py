@@ -78,17 +78,8 @@ def render_tensors(kind: str, tensors: tuple[Tensor, ...]) -> str:
 
 
 def render_dynamic_batching(batching: DynamicBatching) -> str:
-    lines = ["dynamic_batching {", f"  max_queue_delay_microseconds: {batching.max_queue_delay_microseconds}"]
-    policy = batching.default_queue_policy
-    if policy is not None:
-        lines += [
-            "  default_queue_policy {",
-            f"    timeout_action: {policy.timeout_action}",
-            f"    allow_timeout_override: {_bool(policy.allow_timeout_override)}",
-            f"    max_queue_size: {policy.max_queue_size}",
-            "  }",
-        ]
-    return "\n".join([*lines, "}"])
+    """No default_queue_policy, ever: see ``DynamicBatching``."""
+    return f"dynamic_batching {{\n  max_queue_delay_microseconds: {batching.max_queue_delay_microseconds}\n}}"
 
 
 def render_instance_group(group: InstanceGroup) -> str:
@@ -153,8 +144,3 @@ def render_manifest(plan: RepositoryPlan, fingerprints: Mapping[str, str]) -> st
         },
     )
     return manifest_text(manifest)
-
-
-def _bool(value: bool) -> str:
-    return "true" if value else "false"
-

@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-# Only an LLM has it; an encoder's config.pbtxt must not carry it.
-LLM_ONLY = frozenset({"default_max_tokens"})
+# Only an LLM has these (its engine schedules its own queue); an encoder's config.pbtxt must not carry them.
+LLM_ONLY = frozenset({"default_max_tokens", "batch_size", "batch_timeout_us", "max_queue_size"})
 
 
 @dataclass(frozen=True)
@@ -26,12 +26,16 @@ class RuntimeParameters:
     artifacts_dir: str  # relative to the version directory: the exported model and its tokenizer
     max_length: int  # tokens per text or pair (encoders); the context window (LLM)
     inference_timeout_s: float  # the runtime's own deadline per request; 0: none
-    # The service's queue_timeout, on record for direct Triton clients. Nothing enforces it for them: Triton 2.51
-    # ignores a per-request `timeout` when the queue policy has no default (docs/triton-notes.md).
+    # The service's queue_timeout. The LLM engine enforces it for every client; for an encoder it is on record
+    # only (the gateway enforces it; Triton 2.51 ignores a per-request `timeout` without a queue policy default).
     queue_timeout_us: int
     worker_count: int  # model instances sharing this machine's cores
     intra_op_threads: int = 0  # 0: derived from the cores and worker_count (threads())
-    default_max_tokens: int | None = None  # LLM only: tokens generated when a request does not say
+    # LLM only (None for an encoder): what its engine enforces (runtimes/llm_engine.py).
+    default_max_tokens: int | None = None  # tokens generated when a request does not say
+    batch_size: int | None = None  # sequences running at once
+    batch_timeout_us: int | None = None  # when idle, how long the first arrival may wait for company
+    max_queue_size: int | None = None  # requests waiting to start; one more is refused
 
     def to_config(self) -> dict[str, str]:
         """The ``{key: string_value}`` config.pbtxt carries, sorted by key; None fields are left out."""
@@ -45,14 +49,16 @@ class RuntimeParameters:
             "worker_count": str(self.worker_count),
             "intra_op_threads": str(self.intra_op_threads),
         }
-        if self.default_max_tokens is not None:
-            values["default_max_tokens"] = str(self.default_max_tokens)
+        for name in sorted(LLM_ONLY):
+            value = getattr(self, name)
+            if value is not None:
+                values[name] = str(value)
         return dict(sorted(values.items()))
 
     @classmethod
     def from_model_config(cls, model_config: Mapping[str, Any], *, llm: bool = False) -> RuntimeParameters:
         """Parses the ``parameters`` of the model_config JSON Triton hands to ``initialize``
-        (``{"key": {"string_value": "..."}}``). ``llm``: default_max_tokens is required; otherwise refused."""
+        (``{"key": {"string_value": "..."}}``). ``llm``: the LLM_ONLY keys are required; otherwise refused."""
         raw = {name: entry.get("string_value", "") for name, entry in model_config.get("parameters", {}).items()}
         known = {field.name for field in fields(cls)} - (set() if llm else LLM_ONLY)
         unknown = sorted(set(raw) - known)
@@ -66,6 +72,9 @@ class RuntimeParameters:
             worker_count=_integer(raw, "worker_count", minimum=1),
             intra_op_threads=_integer(raw, "intra_op_threads", minimum=0),
             default_max_tokens=_integer(raw, "default_max_tokens", minimum=1) if llm else None,
+            batch_size=_integer(raw, "batch_size", minimum=1) if llm else None,
+            batch_timeout_us=_integer(raw, "batch_timeout_us", minimum=0) if llm else None,
+            max_queue_size=_integer(raw, "max_queue_size", minimum=0) if llm else None,
         )
 
     def threads(self, cpu_count: int | None) -> int:

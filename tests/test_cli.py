@@ -35,18 +35,18 @@ def test_compile_prints_warnings_and_succeeds_when_strategy_is_doubtful(
     assert (out / "llm_service" / "config.pbtxt").exists()
 
 
-def test_explain_shows_each_knob_and_its_triton_field_when_config_is_valid() -> None:
+def test_explain_shows_each_knob_and_where_it_is_enforced_when_config_is_valid() -> None:
     result = runner.invoke(app, ["explain", str(DATA / "seed_config.yaml")], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     for words in (
         "embedding_service",
         "0.01s",
-        "dynamic_batching.max_queue_delay_microseconds",
-        "default_queue_policy.max_queue_size",
+        "Exceeds maximum queue size",
+        "only when the engine is idle",
         "instance_group.count of KIND_CPU",
         "10/s",
         "the ONNX run itself is not interrupted",
-        "the runtime stops generating",
+        "the engine ends it with finish_reason timeout",
         "the gateway's per-item cache",
         "can never bind",
     ):

@@ -37,10 +37,10 @@ def test_explain_says_the_onnx_run_is_not_interrupted_when_an_encoder_passes_inf
         assert "not interrupted" in what and "runtime stops" not in what
 
 
-def test_explain_says_the_runtime_stops_generating_when_the_llm_passes_inference_timeout() -> None:
+def test_explain_says_the_engine_stops_generating_when_the_llm_passes_inference_timeout() -> None:
     where, what = rows_of("llm_service")["inference_timeout"]
-    assert where == "triton+gateway"
-    assert "parameters.inference_timeout_s" in what
+    assert where == "gateway+runtime"
+    assert "starts generating" in what and "finish_reason timeout" in what
 
 
 def test_explain_says_nothing_is_cached_when_an_llm_service_enables_the_cache() -> None:
@@ -57,4 +57,23 @@ def test_explain_says_an_encoder_request_past_queue_timeout_is_refused_uncompute
 def test_explain_says_an_encoder_queue_lives_in_the_gateway_when_it_has_max_queue_size_and_batch_timeout() -> None:
     rows = rows_of("embedding_service")
     assert rows["max_queue_size"][0] == rows["batch_timeout"][0] == "gateway"
-    assert rows_of("llm_service")["max_queue_size"][0] == "triton"  # the LLM's queue is still Triton's
+
+
+def test_explain_says_the_llm_queue_lives_in_its_engine_when_it_has_batch_and_queue_knobs() -> None:
+    rows = rows_of("llm_service")
+    assert rows["batch_size"][0] == rows["batch_timeout"][0] == rows["max_queue_size"][0] == "runtime"
+    assert "Exceeds maximum queue size" in rows["max_queue_size"][1] and "Retry-After" in rows["max_queue_size"][1]
+    assert "only when the engine is idle" in rows["batch_timeout"][1]
+    assert "engine of its own" in rows["worker_count"][1]
+
+
+def test_explain_says_an_llm_request_past_queue_timeout_is_refused_by_the_engine() -> None:
+    where, what = rows_of("llm_service")["queue_timeout"]
+    assert where == "gateway+runtime"
+    assert "Request timeout expired" in what and "sluice_start_by_us" in what
+
+
+def test_explain_uses_only_known_places_when_saying_where_a_knob_is_enforced() -> None:
+    places = {"triton", "gateway", "runtime", "triton+gateway", "gateway+runtime", "none"}
+    for service in ("embedding_service", "reranker_service", "llm_service"):
+        assert {where for where, _ in rows_of(service).values()} <= places

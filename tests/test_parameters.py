@@ -12,7 +12,7 @@ from tritonclient.grpc import model_config_pb2
 
 from compiler.pipeline import build_plan
 from compiler.render import render_repository
-from runtimes.parameters import RuntimeParameters
+from runtimes.parameters import LLM_ONLY, RuntimeParameters
 
 SEED = Path(__file__).parent / "data" / "seed_config.yaml"
 
@@ -26,6 +26,9 @@ LLM = RuntimeParameters(
     queue_timeout_us=200_000,
     worker_count=1,
     default_max_tokens=256,
+    batch_size=4,
+    batch_timeout_us=50_000,
+    max_queue_size=50,
 )
 
 
@@ -57,15 +60,18 @@ def test_runtime_parameters_parse_back_to_the_plan_when_rendered_for_each_seed_s
 def test_runtime_parameters_render_sorted_strings_when_written() -> None:
     assert LLM.to_config() == {
         "artifacts_dir": "artifacts",
+        "batch_size": "4",
+        "batch_timeout_us": "50000",
         "default_max_tokens": "256",
         "inference_timeout_s": "2",  # `:g`, as config.pbtxt has always said
         "intra_op_threads": "0",
         "max_length": "2048",
+        "max_queue_size": "50",
         "queue_timeout_us": "200000",
         "worker_count": "1",
     }
     assert list(LLM.to_config()) == sorted(LLM.to_config())
-    assert "default_max_tokens" not in ENCODER.to_config()
+    assert not LLM_ONLY & set(ENCODER.to_config())
     assert ENCODER.to_config()["inference_timeout_s"] == "0.3"
 
 
@@ -82,9 +88,22 @@ def test_runtime_parameters_raise_naming_key_when_it_is_unknown() -> None:
         RuntimeParameters.from_model_config(model_config(ENCODER.to_config() | {"service_type": "embedding"}))
 
 
-def test_runtime_parameters_raise_when_an_encoder_is_given_default_max_tokens() -> None:
-    with pytest.raises(ValueError, match="unknown key 'default_max_tokens'"):
-        RuntimeParameters.from_model_config(model_config(LLM.to_config()))
+@pytest.mark.parametrize("key", sorted(LLM_ONLY))
+def test_runtime_parameters_raise_naming_key_when_an_encoder_is_given_an_llm_only_key(key: str) -> None:
+    with pytest.raises(ValueError, match=f"unknown key '{key}'"):
+        RuntimeParameters.from_model_config(model_config(ENCODER.to_config() | {key: LLM.to_config()[key]}))
+
+
+@pytest.mark.parametrize("settings", [ENCODER, LLM], ids=["encoder", "llm"])
+def test_runtime_parameters_round_trip_when_written_and_read_back(settings: RuntimeParameters) -> None:
+    llm = settings.default_max_tokens is not None
+    assert RuntimeParameters.from_model_config(model_config(settings.to_config()), llm=llm) == settings
+
+
+def test_runtime_parameters_accept_zero_when_the_llm_neither_holds_nor_queues() -> None:
+    values = LLM.to_config() | {"batch_timeout_us": "0", "max_queue_size": "0"}
+    parsed = RuntimeParameters.from_model_config(model_config(values), llm=True)
+    assert (parsed.batch_timeout_us, parsed.max_queue_size) == (0, 0)
 
 
 @pytest.mark.parametrize(
@@ -100,6 +119,11 @@ def test_runtime_parameters_raise_when_an_encoder_is_given_default_max_tokens() 
         ("inference_timeout_s", "-1"),
         ("inference_timeout_s", "nan"),
         ("default_max_tokens", "0"),
+        ("batch_size", "0"),
+        ("batch_size", "four"),
+        ("batch_timeout_us", "-1"),
+        ("batch_timeout_us", "0.05"),
+        ("max_queue_size", "-1"),
         ("artifacts_dir", ""),
     ],
 )

@@ -11,7 +11,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from compiler.pipeline import build_plan
-from compiler.plan import DynamicBatching, InstanceGroup, QueuePolicy
+from compiler.plan import DynamicBatching, InstanceGroup
 from compiler.render import (
     render_dynamic_batching,
     render_instance_group,
@@ -20,6 +20,7 @@ from compiler.render import (
     render_repository,
     render_tensors,
 )
+from runtimes.parameters import LLM_ONLY
 from runtimes.signatures import Tensor
 
 DATA = Path(__file__).parent / "data"
@@ -30,21 +31,10 @@ def parse(text: str) -> model_config_pb2.ModelConfig:
     return text_format.Parse(text, model_config_pb2.ModelConfig())
 
 
-def test_render_dynamic_batching_sets_delay_and_queue_policy_when_parsed() -> None:
-    text = render_dynamic_batching(DynamicBatching(10_000, QueuePolicy(500)))
-    batching = parse(text).dynamic_batching
+def test_render_dynamic_batching_writes_delay_and_no_queue_policy_when_parsed() -> None:
+    batching = parse(render_dynamic_batching(DynamicBatching(10_000))).dynamic_batching
     assert batching.max_queue_delay_microseconds == 10_000
-    policy = batching.default_queue_policy
-    assert policy.max_queue_size == 500
-    assert policy.default_timeout_microseconds == 0  # see QueuePolicy: Triton 2.51 mis-schedules with one
-    assert policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT
-    assert policy.allow_timeout_override is True
-
-
-def test_render_dynamic_batching_writes_no_queue_policy_when_the_plan_has_none() -> None:
-    batching = parse(render_dynamic_batching(DynamicBatching(0, None))).dynamic_batching
-    assert batching.max_queue_delay_microseconds == 0
-    assert not batching.HasField("default_queue_policy")
+    assert not batching.HasField("default_queue_policy")  # see DynamicBatching: Triton 2.51 stalls bursts with one
 
 
 def test_render_instance_group_lists_gpus_when_device_names_them() -> None:
@@ -96,13 +86,20 @@ def test_render_repository_maps_every_knob_when_compiling_the_seed() -> None:
     assert embedding.instance_group[0].count == 4
     assert not embedding.HasField("response_cache")  # it would cache error responses as empty answers
     assert embedding.parameters["inference_timeout_s"].string_value == "0.3"
+    assert not LLM_ONLY & set(embedding.parameters)  # an encoder's queue is the gateway's, not its runtime's
     reranker = parse(files["reranker_service/config.pbtxt"])
     assert (reranker.max_batch_size, reranker.instance_group[0].count) == (16, 2)
     assert not reranker.HasField("response_cache")
+    assert not LLM_ONLY & set(reranker.parameters)
     llm = parse(files["llm_service/config.pbtxt"])
     assert llm.max_batch_size == 4
-    assert llm.dynamic_batching.max_queue_delay_microseconds == 50_000
-    assert llm.dynamic_batching.default_queue_policy.max_queue_size == 50
+    # The LLM's queue is its engine's: Triton hands each request to execute at once, and the engine reads its knobs.
+    assert llm.dynamic_batching.max_queue_delay_microseconds == 0
+    assert not llm.dynamic_batching.HasField("default_queue_policy")
+    engine = {key: llm.parameters[key].string_value for key in LLM_ONLY}
+    assert engine == {
+        "batch_size": "4", "batch_timeout_us": "50000", "max_queue_size": "50", "default_max_tokens": "256"
+    }
     assert llm.model_transaction_policy.decoupled is True
     assert llm.parameters["queue_timeout_us"].string_value == "200000"
     assert llm.parameters["inference_timeout_s"].string_value == "2"
@@ -138,7 +135,10 @@ def test_render_repository_fills_type_defaults_when_a_service_names_only_its_mod
     assert json.loads(files["sluice.json"])["services"]["rerank"]["batch_timeout"] == 0.02
     chat = parse(files["chat/config.pbtxt"])
     assert chat.max_batch_size == 2  # overridden
-    assert chat.dynamic_batching.default_queue_policy.max_queue_size == 50  # llm default
+    assert chat.parameters["batch_size"].string_value == "2"
+    assert chat.parameters["max_queue_size"].string_value == "50"  # llm default
+    assert chat.parameters["batch_timeout_us"].string_value == "50000"  # llm default
+    assert not chat.dynamic_batching.HasField("default_queue_policy")
 
 
 @pytest.mark.parametrize("name", ["seed_config.yaml", "seed_config.py"])
@@ -159,3 +159,19 @@ def test_build_plan_warns_about_workers_beyond_cores_when_service_is_on_cpu() ->
     paths = {w.path for w in findings.warnings}
     assert "services.embedding_service.runtime.worker_count" in paths
     assert "services.reranker_service.runtime.worker_count" not in paths
+
+
+def test_build_plan_warns_that_only_the_first_llm_batch_is_capped_when_batch_size_exceeds_max_queue_size(
+    tmp_path: Path,
+) -> None:
+    from tests.helpers import write_yaml
+
+    runtime = {"batch_size": 8, "max_queue_size": 4}
+    config = write_yaml(tmp_path, {
+        "models": {"e": {"type": "embedding", "model_name": "x"}, "l": {"type": "llm", "model_name": "y"}},
+        "services": {"embed": {"model": "e", "runtime": runtime}, "chat": {"model": "l", "runtime": runtime}},
+    })
+    said = {w.path: w.message for w in build_plan(config).warnings if w.path.endswith("batch_size")}
+    assert "full batches can never form" in said["services.embed.runtime.batch_size"]
+    # The engine admits waiting requests at every decode step: its running batch still fills.
+    assert "more join at later decode steps" in said["services.chat.runtime.batch_size"]
