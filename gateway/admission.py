@@ -49,6 +49,12 @@ class Call:
         model (inference_timeout), or what is left of the total deadline if that is less."""
         return min(self.route.queue_timeout + self.route.inference_timeout, self.remaining())
 
+    def start_by_us(self) -> int:
+        """When Triton must have started this call (arrival + queue_timeout), as the runtimes read it: wall-clock
+        microseconds (START_BY_PARAMETER)."""
+        start_by = self.arrival + self.route.queue_timeout
+        return round((time.time() + start_by - time.monotonic()) * 1e6)
+
     def deadline(self) -> _Deadline:
         """``async with call.deadline():`` runs the block under the total deadline; past it, DeadlineExceeded
         (and the block's calls are cancelled)."""

@@ -1,8 +1,10 @@
 """POST /v1/completions and /v1/chat/completions (OpenAI shapes), streamed as server-sent events or whole.
 
-Each prompt is one decoupled Triton request over a gRPC stream. The whole response, stream included, runs under
-the service's total deadline; each Triton stream under its inference_timeout. Past either, a whole response is a
-504 and a stream ends with an error event, then ``[DONE]``; the Triton request is cancelled either way.
+Each prompt is one decoupled Triton request over a gRPC stream, carrying arrival + queue_timeout as its start-by
+(the LLM engine refuses it, 503, if it cannot start by then). The whole response, stream included, runs under the
+service's total deadline; each Triton stream under queue_timeout + inference_timeout. A stream's status is sent with
+its first piece, so a refusal or an error before any text is an HTTP error as for a whole response; past that, an
+error ends the stream with an error event, then ``[DONE]``. The Triton request is cancelled either way.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ async def generate(gateway: Gateway, call: Call, inputs: dict[str, Any], arrival
     service = call.route.service
     metrics = gateway.metrics.of(service)
     first = True
-    async for result in gateway.triton.stream(service, inputs, call.call_timeout()):
+    async for result in gateway.triton.stream(service, inputs, call.call_timeout(), call.start_by_us()):
         piece = Piece(
             text=result[TEXT_OUTPUT].item().decode("utf-8"),
             finish_reason=result[FINISH_REASON].item().decode("utf-8"),
@@ -128,7 +130,7 @@ async def create_completion(request: Request) -> Response:
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _event_stream(gateway, call, generate(gateway, call, requests[0], arrival), chunk, include_usage)
+        return await _event_stream(gateway, call, generate(gateway, call, requests[0], arrival), chunk, include_usage)
     async with call.deadline():
         pieces = await gather(*(collect(gateway, call, inputs, arrival) for inputs in requests))
     totals = Piece("", "", sum(p.prompt_tokens for p in pieces), sum(p.completion_tokens for p in pieces))
@@ -165,7 +167,7 @@ async def create_chat_completion(request: Request) -> Response:
     arrival = request.state.arrival
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _event_stream(gateway, call, generate(gateway, call, inputs, arrival), chunk, include_usage)
+        return await _event_stream(gateway, call, generate(gateway, call, inputs, arrival), chunk, include_usage)
     async with call.deadline():
         piece = await collect(gateway, call, inputs, arrival)
     return json_response({
@@ -180,17 +182,25 @@ async def create_chat_completion(request: Request) -> Response:
     }, call.headers)
 
 
-def _event_stream(
+async def _event_stream(
     gateway: Gateway,
     call: Call,
     pieces: AsyncIterator[Piece],
     chunk: Callable[[Piece], dict[str, Any]],
     include_usage: bool,
 ) -> StreamingResponse:
+    # The first piece is awaited before the status goes out: a refusal (503 with Retry-After), a bad prompt (400)
+    # or the deadline (504) before any text is then an HTTP status a client can act on, not a 200 with an error.
+    async with call.deadline():
+        first = await anext(pieces, None)
+
     async def events() -> AsyncIterator[bytes]:
         last: Piece | None = None
         try:
             async with call.deadline():
+                if first is not None:
+                    last = first
+                    yield _sse(orjson.dumps(chunk(first)))
                 async for piece in pieces:
                     last = piece
                     yield _sse(orjson.dumps(chunk(piece)))

@@ -21,15 +21,15 @@ import numpy.typing as npt
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import deserialize_bytes_tensor, np_to_triton_dtype, triton_to_np_dtype
 
-from runtimes.signatures import START_BY_PARAMETER
+from runtimes.signatures import QUEUE_FULL_MESSAGE, QUEUE_TIMEOUT_MESSAGE, START_BY_PARAMETER
 
 from .errors import BadRequest, DeadlineExceeded, GatewayError, Unavailable
 
 Tensors = dict[str, npt.NDArray[Any]]
 
-# Triton's messages for a request its queue policy turned away (tritonserver 2.51): a full queue, and a queue
-# timeout, which the encoder runtimes also answer for a request whose start-by passed (runtimes/_triton.py).
-_QUEUE_FULL, _QUEUE_TIMEOUT = "Exceeds maximum queue size", "Request timeout expired"
+# Triton's messages for a request turned away: a full queue, and a queue timeout; the encoder runtimes (for a
+# request whose start-by passed) and the LLM engine answer with the same texts.
+_QUEUE_FULL, _QUEUE_TIMEOUT = QUEUE_FULL_MESSAGE, QUEUE_TIMEOUT_MESSAGE
 # As tritonclient sets them: a batch of embeddings can exceed gRPC's default 4 MiB.
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]
 
@@ -119,14 +119,17 @@ class Triton:
         return response_tensors(response)
 
     async def stream(
-        self, service: str, inputs: Mapping[str, npt.NDArray[Any]], timeout: float
+        self, service: str, inputs: Mapping[str, npt.NDArray[Any]], timeout: float, start_by_us: int | None = None
     ) -> AsyncIterator[Tensors]:
         """The responses of one decoupled request, as they come; cancelled at Triton when the caller stops
-        iterating, is cancelled, or ``timeout`` passes."""
+        iterating, is cancelled, or ``timeout`` passes. ``start_by_us`` as for ``infer``: the LLM engine refuses the
+        request if it has not started generating by then."""
         if timeout <= 0:
             raise DeadlineExceeded(f"no time left to call {service}")
         request = infer_request(service, inputs)
         request.parameters["triton_enable_empty_final_response"].bool_param = True
+        if start_by_us is not None:
+            request.parameters[START_BY_PARAMETER].int64_param = start_by_us
         done = asyncio.Event()
 
         async def one_request() -> AsyncIterator[Any]:

@@ -18,7 +18,7 @@ import numpy.typing as npt
 import triton_python_backend_utils as pb_utils
 
 from runtimes.parameters import RuntimeParameters
-from runtimes.signatures import START_BY_PARAMETER, TOKENS, TRUNCATED
+from runtimes.signatures import QUEUE_TIMEOUT_MESSAGE, START_BY_PARAMETER, TOKENS, TRUNCATED
 
 if TYPE_CHECKING:  # onnxruntime stays out of the LLM model's process
     from runtimes.encoders import Encoded, OnnxEncoder
@@ -27,7 +27,7 @@ Row = TypeVar("Row")
 
 # Triton's own message for a request its queue policy timed out (core scheduler_utils.cc), with its code,
 # UNAVAILABLE (gRPC UNAVAILABLE, HTTP 503): a client maps an expired start-by and a queue timeout alike.
-EXPIRED_MESSAGE = "Request timeout expired"
+EXPIRED_MESSAGE = QUEUE_TIMEOUT_MESSAGE
 
 # onnxruntime runs a new largest shape slowly twice: each of the first two runs grows its arena by the whole
 # activation size (measured on 2 cores: MiniLM 64 x 256 tokens +470 MB each; the tiny cross-encoder 16 x 512 +75 MB,
@@ -96,20 +96,26 @@ def column(values: npt.ArrayLike, dtype: Any) -> npt.NDArray[Any]:
     return np.asarray(values, dtype=dtype).reshape(-1, 1)
 
 
-def is_expired(parameters: Mapping[str, Any], now_us: int) -> bool:
-    """Whether a request's start-by (``START_BY_PARAMETER``: time.time() microseconds) had passed at ``now_us``.
+def start_by_us(parameters: Mapping[str, Any]) -> int | None:
+    """A request's start-by (``START_BY_PARAMETER``: time.time() microseconds), or None when it has none.
 
-    ``parameters`` is the request's parameters, parsed (``json.loads(request.parameters())``). A request without a
-    start-by never expires; one whose start-by is not an integer is a ValueError naming the parameter.
+    ``parameters`` is the request's parameters, parsed (``json.loads(request.parameters())``); a start-by that is
+    not an integer is a ValueError naming the parameter.
     """
     start_by = parameters.get(START_BY_PARAMETER)
     if start_by is None:
-        return False
+        return None
     if isinstance(start_by, bool) or not isinstance(start_by, int):
         raise ValueError(
             f"parameter {START_BY_PARAMETER!r} must be an integer (microseconds since the epoch), got {start_by!r}"
         )
-    return start_by < now_us
+    return start_by
+
+
+def is_expired(parameters: Mapping[str, Any], now_us: int) -> bool:
+    """Whether a request's start-by had passed at ``now_us``; a request without one never expires."""
+    start_by = start_by_us(parameters)
+    return start_by is not None and start_by < now_us
 
 
 class Expiry:

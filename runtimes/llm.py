@@ -1,9 +1,11 @@
 """Batched, streaming text generation over a Hugging Face causal LM: the logic behind the LLM service's
 ``model.py``, kept free of Triton so it can be tested on its own.
 
-Requests handed over together are decoded together: one left-padded prefill, then one forward per step over
-the rows still generating, with a shared KV cache. A row that finishes (EOS, stop string, max_tokens), is
-cancelled or runs past its deadline leaves the batch and the cache at once, so it stops costing compute.
+A ``RunningBatch`` holds the sequences decoding together and their shared KV cache. Rows join it at any step
+boundary (their left-padded prefill is merged into the cache) and leave it at once when they finish (EOS, stop
+string, max_tokens), are cancelled or run past their deadline, so a finished row stops costing compute and a new
+one need not wait for the longest (continuous batching; ``runtimes/llm_engine.py`` schedules it). The cache's
+left padding is trimmed whenever rows leave, so it never holds more than rows x max_length tokens.
 
 Imports nothing from the rest of Sluice: this package is copied next to the compiled ``1/model.py``.
 """
@@ -23,6 +25,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 FinishReason = Literal["stop", "length", "cancelled", "timeout"]
+# Why a request ended in error: its input (INVALID_ARG), no room for it now (UNAVAILABLE: a client may retry),
+# or the model failing (INTERNAL).
+ErrorCode = Literal["invalid", "unavailable", "internal"]
 
 # Tokens of the prompt's tail decoded with the first generated tokens, so a SentencePiece "▁word" token keeps
 # its leading space (decoded alone it would lose it). The same window size as TGI and vLLM.
@@ -89,9 +94,9 @@ def _check_prompt(text_input: str | None, messages: Sequence[Mapping[str, str]] 
 
 @dataclass(frozen=True)
 class GenerationEvent:
-    """What the decode loop reports for the request at ``index`` (its position in the list given to
-    ``generate``): a piece of text, or the final event (``finish_reason`` or ``error`` set, empty text).
-    Token counts are running totals."""
+    """What the decode loop reports for the request named ``index`` (its position in the list given to
+    ``generate``, or the id it was prepared with): a piece of text, or the final event (``finish_reason`` or
+    ``error`` set, empty text). Token counts are running totals; ``code`` says what kind of error it is."""
 
     index: int
     text: str = ""
@@ -99,6 +104,7 @@ class GenerationEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    code: ErrorCode = "invalid"
 
     @property
     def final(self) -> bool:
@@ -191,6 +197,7 @@ class _Row:
     detokenizer: IncrementalDetokenizer
     stops: StopStringBuffer
     completion_tokens: int = 0
+    deadline: float = math.inf  # inference_timeout, counted from when the row joins a running batch
 
     def event(self, text: str = "", finish_reason: FinishReason | None = None) -> GenerationEvent:
         return GenerationEvent(self.index, text, finish_reason, len(self.prompt_ids), self.completion_tokens)
@@ -201,7 +208,11 @@ _Stepper = Generator[GenerationEvent, None, list[_Row]]
 
 
 class _Batch:
-    """The decode state shared by the live rows: KV cache, attention mask and each row's next position."""
+    """The decode state shared by the live rows: KV cache, attention mask and each row's next position.
+
+    Rows are left-padded: each row's real tokens are the last ones of its mask, contiguous, so rows of any
+    lengths line up on the newest column, and columns that are padding for every row can be cut from the left.
+    """
 
     def __init__(self, cache: DynamicCache, attention_mask: torch.Tensor, next_position: torch.Tensor):
         self.cache = cache
@@ -209,19 +220,64 @@ class _Batch:
         self.next_position = next_position
 
     def keep(self, rows: torch.Tensor) -> None:
-        """Keeps only the given batch rows. ``reorder_cache`` (an index_select on the batch dim) works for
-        every cache layer type, unlike ``batch_select_indices``."""
+        """Keeps only the given batch rows, then drops the padding no remaining row needs. ``reorder_cache`` (an
+        index_select on the batch dim) works for every cache layer type, unlike ``batch_select_indices``."""
         self.cache.reorder_cache(rows)  # type: ignore[arg-type]  # a LongTensor; the stubs want the legacy type
         self.attention_mask = self.attention_mask[rows]
         self.next_position = self.next_position[rows]
+        padding = self.attention_mask.shape[1] - int(self.attention_mask.sum(-1).max())
+        if padding > 0:
+            self.attention_mask = self.attention_mask[:, padding:]
+            _map_cache(self.cache, lambda t: t[:, :, padding:, :])
+
+    def pad_left(self, columns: int) -> None:
+        """Adds ``columns`` of padding before every row: zero keys and values under a zero mask, which attention
+        gives exactly zero weight."""
+        if columns > 0:
+            self.attention_mask = torch.nn.functional.pad(self.attention_mask, (columns, 0))
+            _map_cache(self.cache, lambda t: torch.nn.functional.pad(t, (0, 0, columns, 0)))
+
+    def merge(self, other: _Batch) -> None:
+        """Appends ``other``'s rows (a fresh prefill) after this batch's, left-padding the narrower of the two."""
+        width = max(self.attention_mask.shape[1], other.attention_mask.shape[1])
+        for batch in (self, other):
+            batch.pad_left(width - batch.attention_mask.shape[1])
+        self.attention_mask = torch.cat([self.attention_mask, other.attention_mask])
+        self.next_position = torch.cat([self.next_position, other.next_position])
+        for mine, theirs in zip(_cache_layers(self.cache), _cache_layers(other.cache), strict=True):
+            mine.keys = torch.cat([mine.keys, theirs.keys])
+            mine.values = torch.cat([mine.values, theirs.values])
+
+
+def _cache_layers(cache: DynamicCache) -> list[Any]:
+    """The cache's per-layer key/value holders. Only full-attention layers can be merged and trimmed this way
+    (``check_mergeable`` refuses the rest at load)."""
+    return list(cache.layers)
+
+
+def _map_cache(cache: DynamicCache, change: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    for layer in _cache_layers(cache):
+        layer.keys, layer.values = change(layer.keys), change(layer.values)
+
+
+def check_mergeable(model: Any) -> None:
+    """Refuses a model whose cache layers are not plain full-attention ``DynamicLayer``s (sliding windows,
+    recurrent state): merging rows pads them on the left, which only those layers allow."""
+    cache = DynamicCache(config=model.config)
+    kinds = sorted({type(layer).__name__ for layer in _cache_layers(cache)} - {"DynamicLayer"})
+    if kinds:
+        raise ValueError(
+            f"continuous batching needs full-attention cache layers; this model has {', '.join(kinds)}"
+        )
 
 
 class BatchGenerator:
-    """Generates a batch of requests together and streams ``GenerationEvent``s.
+    """A loaded model and tokenizer, and how to decode with them: ``prepare`` turns requests into rows, a
+    ``RunningBatch`` decodes rows together, ``generate`` runs one static batch to the end.
 
     ``max_length`` is the context: a prompt must leave room for at least one token, and generation stops
     with ``length`` when prompt + completion reach it. ``timeout_s`` (None or 0: none) is each request's
-    deadline, counted from the start of ``generate``. ``clock`` is injectable for tests.
+    inference_timeout, counted from when it joins a running batch. ``clock`` is injectable for tests.
     """
 
     def __init__(
@@ -255,33 +311,23 @@ class BatchGenerator:
         self._prefill_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in forward_params else {}
 
     def generate(self, requests: Sequence[GenerationRequest]) -> Iterator[GenerationEvent]:
-        """Yields text pieces as they become safe to show and exactly one final event per request."""
-        deadline = self._clock() + self.timeout_s if self.timeout_s else math.inf
+        """Decodes ``requests`` together to the end (static batching: nothing joins once they start); yields text
+        pieces as they become safe to show and exactly one final event per request."""
+        batch = RunningBatch(self)
         rows: list[_Row] = []
         for index, request in enumerate(requests):
-            row_or_error = self._admit(index, request)
+            row_or_error = self.prepare(index, request)
             if isinstance(row_or_error, GenerationEvent):
                 yield row_or_error
             else:
                 rows.append(row_or_error)
-        rows = yield from self._drop_interrupted(rows, deadline)
-        if not rows:
-            return
-        # No torch mode spans a yield: inference_mode is entered per call (decorators) so it never leaks into
-        # the consumer's code between events.
-        batch, logits = self._prefill(rows)
-        while True:
-            tokens = self._pick_tokens(logits, rows)
-            live = yield from self._advance(rows, tokens)
-            live = yield from self._drop_interrupted(live, deadline)
-            if not live:
-                return
-            kept = _positions(rows, live) if len(live) < len(rows) else None
-            logits = self._decode_step(batch, tokens, kept)
-            rows = live
+        yield from batch.join(rows)
+        while batch:
+            yield from batch.step()
 
-    def _admit(self, index: int, request: GenerationRequest) -> _Row | GenerationEvent:
-        """Tokenises a request, or rejects it alone when its prompt cannot be used."""
+    def prepare(self, index: int, request: GenerationRequest) -> _Row | GenerationEvent:
+        """Tokenises a request into a row that can join a batch, or rejects it alone when its prompt cannot be
+        used. ``index`` is the caller's name for the request: its events carry it."""
         try:
             prompt_ids = self._tokenize(request)
         except ValueError as exc:
@@ -326,14 +372,14 @@ class BatchGenerator:
         except Exception as exc:
             raise ValueError(f"messages: the chat template rejected them: {exc}") from exc
 
-    def _drop_interrupted(self, rows: list[_Row], deadline: float) -> _Stepper:
+    def _drop_interrupted(self, rows: list[_Row]) -> _Stepper:
         """Ends cancelled and expired rows before the next step; the generator returns the others."""
         now = self._clock()
         live = []
         for row in rows:
             if row.request.is_cancelled():
                 yield row.event(finish_reason="cancelled")
-            elif now >= deadline:
+            elif now >= row.deadline:
                 yield from _finish(row, "timeout")
             else:
                 live.append(row)
@@ -415,6 +461,68 @@ class BatchGenerator:
                     yield row.event(text)
                 live.append(row)
         return live
+
+
+class RunningBatch:
+    """The rows decoding together. ``join`` adds rows at a step boundary, ``step`` advances every row by one
+    token; rows leave as they end. Between calls the batch holds, for each row, the logits of its next token.
+
+    Not thread-safe: one thread (the engine's) drives it.
+    """
+
+    def __init__(self, generator: BatchGenerator) -> None:
+        self._generator = generator
+        self._rows: list[_Row] = []
+        self._batch: _Batch | None = None
+        self._logits: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @property
+    def tokens_held(self) -> int:
+        """Positions in the KV cache: rows x width, padding included (bounded by rows x max_length)."""
+        return 0 if self._batch is None else int(self._batch.attention_mask.numel())
+
+    def join(self, rows: Sequence[_Row]) -> Iterator[GenerationEvent]:
+        """Prefills ``rows`` (cancelled ones end here) and merges them into the batch; their first token comes
+        with the next ``step``. Their inference_timeout starts now."""
+        generator = self._generator
+        joining = yield from generator._drop_interrupted(list(rows))
+        if not joining:
+            return
+        deadline = generator._clock() + generator.timeout_s if generator.timeout_s else math.inf
+        for row in joining:
+            row.deadline = deadline
+        batch, logits = generator._prefill(joining)
+        if self._batch is None or self._logits is None:
+            self._batch, self._logits = batch, logits
+        else:
+            self._batch.merge(batch)
+            self._logits = torch.cat([self._logits, logits])
+        self._rows.extend(joining)
+
+    def step(self) -> Iterator[GenerationEvent]:
+        """Gives every row its next token (yielding text and final events), drops the rows that ended, were
+        cancelled or ran out of time, and runs the forward that yields the next logits of the others."""
+        if not self._rows or self._batch is None or self._logits is None:
+            return
+        generator, rows = self._generator, self._rows
+        tokens = generator._pick_tokens(self._logits, rows)
+        live = yield from generator._advance(rows, tokens)
+        live = yield from generator._drop_interrupted(live)
+        self._rows = live
+        if not live:
+            self._batch = self._logits = None
+            return
+        kept = _positions(rows, live) if len(live) < len(rows) else None
+        self._logits = generator._decode_step(self._batch, tokens, kept)
+
+    def abort(self) -> list[_Row]:
+        """Empties the batch; returns the rows it held (each still owes its client a final event)."""
+        rows, self._rows = self._rows, []
+        self._batch = self._logits = None
+        return rows
 
 
 def _positions(rows: list[_Row], live: list[_Row]) -> torch.Tensor:

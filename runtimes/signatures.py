@@ -77,3 +77,8 @@ def output_names(service_type: str) -> tuple[str, ...]:
 # which the request's batch must start. A runtime refuses a request whose start-by has passed, uncomputed
 # ("Request timeout expired"). The gateway sets it on every embedding and rerank request; direct clients may.
 START_BY_PARAMETER = "sluice_start_by_us"
+# Triton's own texts for a request its queue turned away (tritonserver 2.51's dynamic batcher). The encoder
+# runtimes and the LLM engine answer with the same texts, with code UNAVAILABLE, so a client (the gateway's 503 with
+# Retry-After) handles every refusal alike.
+QUEUE_FULL_MESSAGE = "Exceeds maximum queue size"
+QUEUE_TIMEOUT_MESSAGE = "Request timeout expired"

@@ -27,24 +27,35 @@ class FakeResponse:
         self.output_tensors, self.error = output_tensors or [], error
 
 
-class FakeCounter:
-    def __init__(self, labels: dict[str, str]) -> None:
-        self.labels, self.value = labels, 0.0
+class FakeMetric:
+    """A counter (increment), gauge (set) or histogram (observe: every value kept)."""
+
+    def __init__(self, labels: dict[str, str], buckets: list[float] | None = None) -> None:
+        self.labels, self.buckets, self.value = labels, buckets, 0.0
+        self.observed: list[float] = []
 
     def increment(self, value: float) -> None:
         self.value += value
 
+    def set(self, value: float) -> None:
+        self.value = value
+
+    def observe(self, value: float) -> None:
+        self.observed.append(value)
+
 
 class FakeMetricFamily:
-    COUNTER = "counter"
+    COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
     families: ClassVar[list[FakeMetricFamily]] = []
 
     def __init__(self, name: str, description: str, kind: str) -> None:
-        self.name, self.kind, self.metrics = name, kind, list[FakeCounter]()
+        self.name, self.kind, self.metrics = name, kind, list[FakeMetric]()
         FakeMetricFamily.families.append(self)
 
-    def Metric(self, labels: dict[str, str]) -> FakeCounter:
-        self.metrics.append(FakeCounter(labels))
+    def Metric(self, labels: dict[str, str], buckets: list[float] | None = None) -> FakeMetric:
+        if (buckets is None) == (self.kind == self.HISTOGRAM):
+            raise ValueError("buckets are given for a histogram, and only for one")  # as Triton's stub checks
+        self.metrics.append(FakeMetric(labels, buckets))
         return self.metrics[-1]
 
 

@@ -73,7 +73,7 @@ class FakeTriton:
         return contract_outputs(self.types[service], rows)
 
     async def stream(self, service: str, inputs: Mapping[str, npt.NDArray[Any]],
-                     timeout: float) -> AsyncIterator[dict[str, Any]]:
+                     timeout: float, start_by_us: int | None = None) -> AsyncIterator[dict[str, Any]]:
         self.streamed.append(inputs)
         for count, text in enumerate(self.pieces, start=1):
             await asyncio.sleep(self.piece_interval)

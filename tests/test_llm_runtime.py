@@ -8,6 +8,7 @@ import importlib
 import itertools
 import json
 import sys
+import threading
 import types
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -316,11 +317,13 @@ def test_generate_ends_row_with_cancelled_when_client_cancels(
 
 
 def test_generate_ends_with_timeout_when_deadline_passes(generator: BatchGenerator) -> None:
-    ticks = itertools.count()  # one second per clock reading: start, before prefill, before each step
+    # One second per clock reading: 0 before the prefill, 1 at the join (deadline 1 + 2.5), then 2, 3, 4 after
+    # steps 1, 2, 3: the third reading is past the deadline.
+    ticks = itertools.count()
     timed = variant(generator, timeout_s=2.5, clock=lambda: float(next(ticks)))
     final = run_alone(timed, greedy(PROMPTS[0], max_tokens=50)).final
     assert final is not None
-    assert (final.finish_reason, final.completion_tokens) == ("timeout", 2)
+    assert (final.finish_reason, final.completion_tokens) == ("timeout", 3)
 
 
 def test_generate_drops_finished_row_when_it_reaches_max_tokens(
@@ -376,6 +379,7 @@ class FakeTensor:
 class FakeTritonError:
     INVALID_ARG = 3
     INTERNAL = 13
+    UNAVAILABLE = 14
 
     def __init__(self, message: str, code: int | None = None) -> None:
         self.message, self.code = message, code
@@ -392,11 +396,16 @@ class FakeSender:
     sent: list[tuple[FakeResponse, int]] = field(default_factory=list)
     cancelled: bool = False
     fail_after: int | None = None  # sends that succeed before the client "goes away"
+    closed: threading.Event = field(default_factory=threading.Event)  # set at the FINAL send
 
     def send(self, response: FakeResponse, flags: int = 0) -> None:
+        if self.closed.is_set():
+            raise RuntimeError("Response sender has been closed")  # as Triton's: nothing after FINAL
         if self.fail_after is not None and len(self.sent) >= self.fail_after:
             raise RuntimeError("stream closed")
         self.sent.append((response, flags))
+        if flags == 1:
+            self.closed.set()
 
     def is_cancelled(self) -> bool:
         return self.cancelled
@@ -406,9 +415,19 @@ class FakeSender:
 class FakeRequest:
     inputs: dict[str, np.ndarray]
     sender: FakeSender = field(default_factory=FakeSender)
+    request_parameters: dict[str, Any] = field(default_factory=dict)
 
     def get_response_sender(self) -> FakeSender:
         return self.sender
+
+    def parameters(self) -> str:
+        return json.dumps(self.request_parameters)
+
+
+def wait_closed(*requests: FakeRequest, timeout_s: float = 30.0) -> None:
+    """Until every request got its FINAL response (the model answers from its own threads)."""
+    for request in requests:
+        assert request.sender.closed.wait(timeout_s), f"no final response for {request.inputs}"
 
 
 def fake_pb_utils() -> types.ModuleType:
@@ -431,6 +450,7 @@ def fake_pb_utils() -> types.ModuleType:
 @pytest.fixture
 def adapter(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_pb_utils())
+    FakeMetricFamily.families.clear()  # this test's model's families only
     # Both import the fake at their own import: fresh copies, so neither keeps another test's fake.
     for name in ("runtimes.llm_model", "runtimes._triton"):
         monkeypatch.delitem(sys.modules, name, raising=False)
@@ -442,6 +462,9 @@ def parameters(**values: str) -> dict[str, Any]:
         "artifacts_dir": "hf",
         "max_length": "128",
         "default_max_tokens": "5",
+        "batch_size": "4",
+        "batch_timeout_us": "0",
+        "max_queue_size": "8",
         "inference_timeout_s": "30",
         "queue_timeout_us": "0",
         "intra_op_threads": "0",
@@ -483,26 +506,44 @@ def prompt_request(prompt: str, **sender: Any) -> FakeRequest:
     return FakeRequest(inputs, FakeSender(**sender))
 
 
-def test_model_sends_cancelled_final_when_client_cancelled(triton_model: Any) -> None:
+def test_model_sends_cancelled_final_when_client_cancelled(adapter: types.ModuleType, model_dir: Path) -> None:
+    model = adapter.TritonPythonModel()
+    # The idle engine holds both for 0.5 s (batch_timeout): the sender's poll sees the cancellation before.
+    config = parameters(batch_timeout_us="500000")
+    model.initialize({"model_config": json.dumps(config), "model_repository": str(model_dir.parent.parent),
+                      "model_version": model_dir.parent.name, "model_name": "llm_service"})
     gone, other = prompt_request(PROMPTS[0], cancelled=True), prompt_request(PROMPTS[1])
-    triton_model.execute([gone, other])
+    try:
+        model.execute([gone, other])
+        wait_closed(gone, other)
+    finally:
+        model.finalize()
     [(final, flags)] = gone.sender.sent
     assert flags == 1 and final.outputs["finish_reason"].tolist() == [[b"cancelled"]]
     assert other.sender.sent[-1][0].outputs["finish_reason"].tolist() == [[b"length"]]
 
 
+def metric_values(name: str) -> dict[str, float]:
+    [family] = [family for family in FakeMetricFamily.families if family.name == name]
+    return {metric.labels.get("reason", ""): metric.value for metric in family.metrics}
+
+
 def test_model_counts_finish_reasons_and_tokens_when_requests_end(triton_model: Any) -> None:
-    gone, other = prompt_request(PROMPTS[0], cancelled=True), prompt_request(PROMPTS[1])
-    triton_model.execute([gone, other])
-    finished = {reason: metric.value for reason, metric in triton_model._metrics.finished.items()}
-    assert finished == {"stop": 0, "length": 1, "cancelled": 1, "timeout": 0, "error": 0}
-    assert triton_model._metrics.tokens.value == 5
-    assert triton_model._metrics.tokens.labels == {"model": "llm_service"}
+    first, second = prompt_request(PROMPTS[0]), prompt_request(PROMPTS[1])
+    triton_model.execute([first, second])
+    wait_closed(first, second)
+    triton_model.finalize()  # the sender thread applies the metric updates queued before it stops
+    finished = metric_values("sluice_llm_requests_finished_total")
+    assert finished == {"stop": 0, "length": 2, "cancelled": 0, "timeout": 0, "error": 0}
+    assert metric_values("sluice_llm_completion_tokens_total") == {"": 10}
+    [histogram] = [f for f in FakeMetricFamily.families if f.name == "sluice_llm_time_to_first_token_seconds"]
+    assert len(histogram.metrics[0].observed) == 2 and histogram.metrics[0].labels == {"model": "llm_service"}
 
 
 def test_model_serves_others_when_a_client_send_fails(triton_model: Any) -> None:
     broken, other = prompt_request(PROMPTS[0], fail_after=1), prompt_request(PROMPTS[1])
     triton_model.execute([broken, other])
+    wait_closed(other)
     assert len(broken.sender.sent) == 1
     assert [flags for _, flags in other.sender.sent].count(1) == 1
     assert other.sender.sent[-1][0].outputs["completion_tokens"].tolist() == [[5]]
@@ -520,6 +561,7 @@ def test_model_streams_pieces_then_one_final_when_requests_are_batched(triton_mo
         }
     )
     assert model.execute([good, bad, chat]) is None
+    wait_closed(good, bad, chat)
 
     (error, flags), *rest = bad.sender.sent
     assert rest == [] and flags == 1 and "stop" in error.error.message
@@ -531,6 +573,37 @@ def test_model_streams_pieces_then_one_final_when_requests_are_batched(triton_mo
         assert final.outputs["finish_reason"].tolist() == [[b"length"]]
         assert final.outputs["completion_tokens"].dtype == np.int32
         assert final.outputs["completion_tokens"].tolist() == [[max_tokens]]
+
+
+def test_model_refuses_unavailable_when_its_queue_is_full(adapter: types.ModuleType, model_dir: Path) -> None:
+    model = adapter.TritonPythonModel()
+    config = parameters(batch_size="1", max_queue_size="1", default_max_tokens="200")
+    model.initialize({"model_config": json.dumps(config), "model_repository": str(model_dir.parent.parent),
+                      "model_version": model_dir.parent.name, "model_name": "llm_service"})
+    try:
+        requests = [prompt_request(PROMPTS[0]) for _ in range(4)]  # one runs, one waits, the others are refused
+        model.execute(requests)
+        wait_closed(*requests)
+    finally:
+        model.finalize()
+    refusals = [r.sender.sent[-1][0].error for r in requests if r.sender.sent[-1][0].error is not None]
+    assert [(e.code, e.message) for e in refusals] == [(14, "Exceeds maximum queue size")] * 2
+
+
+def test_model_answers_every_open_request_when_it_is_unloaded(adapter: types.ModuleType, model_dir: Path) -> None:
+    model = adapter.TritonPythonModel()
+    config = parameters(batch_size="1", max_queue_size="4", default_max_tokens="240", max_length="256")
+    model.initialize({"model_config": json.dumps(config), "model_repository": str(model_dir.parent.parent),
+                      "model_version": model_dir.parent.name, "model_name": "llm_service"})
+    requests = [prompt_request(PROMPTS[0]) for _ in range(3)]
+    model.execute(requests)
+    model.finalize()
+    finals = [request.sender.sent[-1] for request in requests]
+    assert all(flags == 1 for _, flags in finals)
+    unloaded = [final.error for final, _ in finals if final.error is not None]
+    # The two waiting at least; the running one too unless it ended first.
+    assert len(unloaded) >= 2 and all(e.code == 14 and "unloading" in e.message for e in unloaded)
+    assert not [t for t in threading.enumerate() if t.name in ("llm-engine", "llm-sender")]
 
 
 # --- inside the real tritonserver -------------------------------------------------------------------------
@@ -558,7 +631,7 @@ def llm_config_pbtxt(name: str, parameters: dict[str, Any]) -> str:
             f'name: "{name}"',
             'backend: "python"',
             "max_batch_size: 4",
-            "dynamic_batching { max_queue_delay_microseconds: 50000 }",
+            "dynamic_batching { max_queue_delay_microseconds: 0 }",
             "model_transaction_policy { decoupled: true }",
             "instance_group { count: 1 kind: KIND_CPU }",
             tensors("input", LLM_INPUTS),

@@ -206,7 +206,9 @@ def stream(triton: TritonServer, prompt: str, **options: Any) -> list[dict[str, 
 
 def test_llm_streams_pieces_then_a_final_response_when_called_over_grpc(triton: TritonServer) -> None:
     events = stream(triton, "Once upon a time", max_tokens=6, temperature=0.0)
-    assert [event["completion_tokens"] for event in events[:-1]] == [1, 2, 3, 4, 5, 6]
+    # One piece a token, unless the pieces of several tokens waited together for the model's sender thread.
+    counts = [event["completion_tokens"] for event in events[:-1]]
+    assert counts == sorted(set(counts)) and counts[-1] == 6
     assert all(event["text"] for event in events[:-1])
     assert events[-1]["finish_reason"] == "length" and events[-1]["completion_tokens"] == 6
 
@@ -229,7 +231,8 @@ def test_llm_honours_max_tokens_when_called_through_generate_stream(triton: Trit
     with urllib.request.urlopen(request, timeout=30) as response:
         lines = [line.decode() for line in response.read().splitlines() if line.startswith(b"data: ")]
     events = [json.loads(line.removeprefix("data: ")) for line in lines]
-    assert [event["completion_tokens"] for event in events] == [1, 2, 3, 4, 4]
+    counts = [event["completion_tokens"] for event in events]
+    assert counts[:-1] == sorted(set(counts[:-1])) and counts[-2:] == [4, 4]  # pieces, then the final
     assert events[-1]["finish_reason"] == "length"
 
 
