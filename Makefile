@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: up test lint compile explain models bench overload clean
+.PHONY: up test lint compile explain models bench overload llm-bench clean
 
 # The virtualenv is rebuilt when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -33,6 +33,10 @@ bench: models
 # Each encoder service at 0.5x-3x its capacity, open loop, with and without Redis; 5 minutes at nominal load.
 overload: models
 	$(PY) -m benchmarks.overload --nominal-seconds 300
+
+# The LLM service's continuous and static schedulers, streamed completions at 1-16 streams and open loop at 2x.
+llm-bench: models
+	$(PY) -m benchmarks.llm
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -38,7 +38,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,10 +136,12 @@ def redis_server() -> Iterator[str]:
 
 
 @contextmanager
-def sluice_up(config: Path, source: Path, redis_url: str | None, gateway: str, export_cache: Path) -> Iterator[int]:
+def sluice_up(config: Path, source: Path, redis_url: str | None, gateway: str, export_cache: Path,
+              extra_env: Mapping[str, str] | None = None) -> Iterator[int]:
     """`sluice up CONFIG` from ``source``, until the gateway's /ready answers; yields the gateway's process id (the
-    `sluice up` process serves the gateway itself; Triton is its child)."""
-    env = {k: v for k, v in os.environ.items() if k != "SLUICE_REDIS_URL"}
+    `sluice up` process serves the gateway itself; Triton is its child). ``extra_env`` is added to its environment
+    (tritonserver and its Python stubs inherit it)."""
+    env = {k: v for k, v in os.environ.items() if k != "SLUICE_REDIS_URL"} | dict(extra_env or {})
     if redis_url:
         env["SLUICE_REDIS_URL"] = redis_url
     env["SLUICE_CACHE_DIR"] = str(export_cache)
