@@ -43,7 +43,10 @@ class EngineLimits:
     batch_timeout_s: float  # when idle, how long the first arrival may wait for company
     max_queue_size: int  # requests waiting; one more is refused
     queue_timeout_s: float  # how long a request may wait to start
-    continuous: bool = True  # False: static batching (a batch runs to its end before the next is admitted)
+    # False: the LLM's scheduling before this engine, kept to compare against (python -m benchmarks.llm): Triton's
+    # dynamic batcher started a batch only when the previous one had ended, and nothing enforced queue_timeout
+    # (its queue policy had max_queue_size only), so here neither queue_timeout nor a start-by refuses anything.
+    continuous: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_queue_size < 0:
@@ -139,6 +142,8 @@ class Engine:
             return
         queue_timeout = self.limits.queue_timeout_s or math.inf
         deadline = min(now + queue_timeout, math.inf if start_by is None else start_by)
+        if not self.limits.continuous:
+            deadline = math.inf
         with self._wake:
             if self._stopping:
                 refusal = _refusal(prepared, UNLOADING_MESSAGE)

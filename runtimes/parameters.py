@@ -77,12 +77,12 @@ class RuntimeParameters:
             max_queue_size=_integer(raw, "max_queue_size", minimum=0) if llm else None,
         )
 
-    def threads(self, cpu_count: int | None) -> int:
-        """Intra-op threads per instance: the configured number, else the cores split between the instances
-        (each instance is its own process; more threads than cores makes them fight)."""
+    def threads(self, cpu_count: int | None, *, spare_cores: int = 0) -> int:
+        """Intra-op threads per instance: the configured number, else the cores (less ``spare_cores``) split between
+        the instances (each instance is its own process; more threads than cores makes them fight)."""
         if self.intra_op_threads > 0:
             return self.intra_op_threads
-        return max(1, (cpu_count or 1) // max(1, self.worker_count))
+        return max(1, ((cpu_count or 1) - spare_cores) // max(1, self.worker_count))
 
 
 def _value(raw: Mapping[str, str], name: str) -> str:

@@ -142,3 +142,11 @@ def test_runtime_parameters_threads_split_cores_between_instances_when_not_confi
     assert threads(0, worker_count=4, cpu_count=2) == 1  # at least one
     assert threads(0, worker_count=1, cpu_count=None) == 1
     assert threads(3, worker_count=4, cpu_count=2) == 3  # configured wins
+
+
+def test_runtime_parameters_threads_leave_spare_cores_when_asked() -> None:
+    settings = RuntimeParameters("a", 1, 0.0, 0, worker_count=1)
+    assert settings.threads(2, spare_cores=1) == 1
+    assert settings.threads(16, spare_cores=1) == 15
+    assert settings.threads(1, spare_cores=1) == 1  # at least one
+    assert RuntimeParameters("a", 1, 0.0, 0, worker_count=1, intra_op_threads=4).threads(2, spare_cores=1) == 4
