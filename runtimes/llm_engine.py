@@ -185,19 +185,24 @@ class Engine:
                 if not admitted and not self._batch and not ended:
                     self._wake.wait(self._idle_wait(now))
                     continue
-            self._publish(ended)
-            for entry in admitted:
-                self._observer.started(now - entry.arrival)
-            try:
-                self._publish(self._batch.join([entry.row for entry in admitted]))
-                self.peak_running = max(self.peak_running, len(self._batch))
-                self._publish(self._batch.step())
-            # A failing step (a bug, out of memory) ends the rows it held, not the engine: the next ones may run.
-            except Exception as exc:  # noqa: BLE001
-                rows = self._batch.abort()
-                self._publish(
-                    GenerationEvent(row.index, error=f"generation failed: {exc}", code="internal") for row in rows
-                )
+            self._step(ended, admitted, now)
+
+    def _step(self, ended: list[GenerationEvent], admitted: list[_Waiting], now: float) -> None:
+        """One step boundary's work, in a frame of its own: nothing of a request stays referenced once it ends
+        (its Triton response sender lives as long as its row does)."""
+        self._publish(ended)
+        for waited in admitted:
+            self._observer.started(now - waited.arrival)
+        try:
+            self._publish(self._batch.join([waited.row for waited in admitted]))
+            self.peak_running = max(self.peak_running, len(self._batch))
+            self._publish(self._batch.step())
+        # A failing step (a bug, out of memory) ends the rows it held, not the engine: the next ones may run.
+        except Exception as exc:  # noqa: BLE001
+            self._publish(
+                GenerationEvent(row.index, error=f"generation failed: {exc}", code="internal")
+                for row in self._batch.abort()
+            )
 
     def _drop_waiting(self, now: float) -> list[GenerationEvent]:
         """Ends the waiting requests that were cancelled or can no longer start in time."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,3 +31,19 @@ def redis_url() -> Iterator[str]:
         pytest.fail("redis-server is not installed: apt-get install -y redis-server (.ci/run does)")
     with running_redis() as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama + tokenizer of tests/tiny_llm.py, laid out as a compiled LLM service: <model>/1/hf."""
+    from tests.tiny_llm import save_tiny_llm  # torch and transformers: only for the tests that use it
+
+    return save_tiny_llm(tmp_path_factory.mktemp("llm") / "1" / "hf")
+
+
+@pytest.fixture(scope="session")
+def generator(model_dir: Path) -> Any:
+    """A BatchGenerator over the tiny Llama: max_length 128, default_max_tokens 12."""
+    from runtimes.llm import load_generator
+
+    return load_generator(model_dir, threads=2, max_length=128, default_max_tokens=12)

@@ -1,5 +1,5 @@
 """Tests of the LLM runtime: the batched decode loop (runtimes/llm.py) on a tiny random-weight Llama with a
-byte-level BPE tokenizer built here (no downloads), and the Triton adapter (runtimes/llm_model.py) against a
+byte-level BPE tokenizer (tests/tiny_llm.py, no downloads), and the Triton adapter (runtimes/llm_model.py) against a
 fake ``triton_python_backend_utils``."""
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from runtimes.llm import (
     BatchGenerator,
@@ -27,121 +25,11 @@ from runtimes.llm import (
     GenerationRequest,
     IncrementalDetokenizer,
     StopStringBuffer,
-    load_generator,
 )
 from tests.fake_pb_utils import FakeMetricFamily
+from tests.tiny_llm import CORPUS, PROMPTS, collect, greedy, run_alone, variant
 
-CORPUS = [
-    "the quick brown fox jumps over the lazy dog",
-    "a café serves crème brûlée and naïve tea",
-    "hello world, how are you today?",
-    "streaming tokens one by one is fun to watch",
-]
-# Rejects unknown roles the way real templates do, through jinja's raise_exception.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if m['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception('unknown role') }}{% endif %}"
-    "<s>{{ m['role'] }}: {{ m['content'] }}\n"
-    "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
-)
-PROMPTS = ["the quick brown fox", "hello", "a café serves crème brûlée and naïve tea today, 日本", "fun"]
-
-
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    bpe = Tokenizer(models.BPE())
-    # Byte-level, as in GPT-2 and Llama 3: characters outside the merges span several tokens.
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    bpe.train_from_iterator(CORPUS * 5, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A saved tiny Llama + tokenizer, laid out as a compiled LLM service: <model>/1/hf."""
-    directory = tmp_path_factory.mktemp("llm") / "1" / "hf"
-    tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    steer_to_printable_text(model, tokenizer)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-def steer_to_printable_text(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast) -> None:
-    """Zeroes the output rows of tokens that are not printable ASCII (lone UTF-8 bytes, specials), so greedy
-    text is readable and stop strings can be picked from it; random weights alone emit mostly stray bytes."""
-    unreadable = [
-        token
-        for token in range(len(tokenizer))
-        if not (text := tokenizer.decode([token])) or not (text.isascii() and text.isprintable())
-    ]
-    with torch.no_grad():
-        model.lm_head.weight[unreadable] = 0
-
-
-@pytest.fixture(scope="session")
-def generator(model_dir: Path) -> BatchGenerator:
-    return load_generator(model_dir, threads=2, max_length=128, default_max_tokens=12)
-
-
-def variant(generator: BatchGenerator, **overrides: Any) -> BatchGenerator:
-    """A generator over the same loaded model with other settings."""
-    settings: dict[str, Any] = {"max_length": 128, "default_max_tokens": 12} | overrides
-    return BatchGenerator(generator.model, generator.tokenizer, **settings)
-
-
-@dataclass
-class Outcome:
-    pieces: list[str] = field(default_factory=list)
-    final: GenerationEvent | None = None
-
-    @property
-    def text(self) -> str:
-        return "".join(self.pieces)
-
-
-def collect(events: Iterable[GenerationEvent]) -> dict[int, Outcome]:
-    """Groups events by request, checking that nothing follows a request's final event."""
-    outcomes: dict[int, Outcome] = {}
-    for event in events:
-        outcome = outcomes.setdefault(event.index, Outcome())
-        assert outcome.final is None, f"event after the final one: {event}"
-        if event.final:
-            assert event.text == ""
-            outcome.final = event
-        else:
-            outcome.pieces.append(event.text)
-    return outcomes
-
-
-def greedy(prompt: str, **kwargs: Any) -> GenerationRequest:
-    return GenerationRequest(text_input=prompt, temperature=0.0, **kwargs)
-
-
-def run_alone(generator: BatchGenerator, request: GenerationRequest) -> Outcome:
-    return collect(generator.generate([request]))[0]
+# The tiny model and its generator: the ``model_dir`` and ``generator`` fixtures (tests/conftest.py).
 
 
 def hf_greedy_ids(generator: BatchGenerator, prompt: str, max_new_tokens: int) -> list[int]:
