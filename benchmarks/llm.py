@@ -33,7 +33,8 @@ Refusals are counted by status and reason: ``503 queue full`` ("Exceeds maximum 
 ("Request timeout expired" / queue_timeout), ``429 rate limit``, ``504 total_timeout``, ``504 call timeout`` (the
 gateway's Triton call passed queue_timeout + inference_timeout), ``504 inference_timeout`` (the runtime stopped
 generating), ``other: <message>``. A refusal sent after the stream began (status 200) is its last event and counts
-as ``stream <status> <reason>``; ``no answer`` is a stream still open total_timeout + 5 s after its arrival.
+as ``stream <status> <reason>``; ``no answer`` is a stream still open total_timeout + 5 s after its arrival. For
+``503 queue timeout`` it also reports how long after arrival the refusal came (p50, p99, max).
 
 The load generator is one process on uvloop with a lean HTTP/1.1 client (raw asyncio streams, keep-alive, chunked
 SSE read event by event), its requests built before each step. ``--source DIR`` runs the stack from another
@@ -422,6 +423,8 @@ def summary(label: str, records: list[Record], start: float, seconds: float, tot
     gaps = [gap for r in records if r.status == 200 for gap in r.gaps]
     whole = [r.end - r.arrival for r in records if r.completed]
     refusals = Counter(r.error for r in records if r.error)
+    # How late a queue_timeout refusal comes: arrival to the 503 (the knob promises within 50 ms of queue_timeout).
+    timed_out = [r.end - r.arrival for r in records if r.error == "503 queue timeout"]
     return {
         "load": label,
         "sent": len(records),
@@ -436,6 +439,8 @@ def summary(label: str, records: list[Record], start: float, seconds: float, tot
         "stream_p99_ms": _ms(whole, 99),
         "finish_reasons": dict(Counter(r.finish_reason for r in records if r.completed and r.finish_reason)),
         "refusals": dict(sorted(refusals.items())),
+        "queue_timeout_refusal_ms": {"p50": _ms(timed_out, 50), "p99": _ms(timed_out, 99), "max": _ms(timed_out, 100)}
+        if timed_out else None,
         # Completed streams whose usage.prompt_tokens differs from the benchmark's count (expected: 0).
         "prompt_tokens_mismatch": sum(r.prompt_tokens != r.expected_prompt_tokens for r in records if r.completed),
     }
@@ -537,6 +542,10 @@ def table(report: dict[str, Any]) -> str:
                 extra = " | sluice_llm_refused_total: " + (", ".join(f"{k}: {v:g}" for k, v in triton.items() if v)
                                                            or "0")
             notes.append(f"  {scheduler} {s['load']}: refusals {refusals}{extra}")
+            if s.get("queue_timeout_refusal_ms"):
+                late = s["queue_timeout_refusal_ms"]
+                notes.append(f"  {scheduler} {s['load']}: queue timeout refusals arrived p50 {late['p50']} ms, "
+                             f"p99 {late['p99']} ms, max {late['max']} ms after arrival")
             if "good_over_capacity" in s:
                 notes.append(f"  {scheduler} {s['load']}: {s['rate_per_s']} streams/s offered, {s['good_per_s']} "
                              f"good/s (whole within total_timeout + {1000 * LATE_SLACK_S:g} ms) = "
