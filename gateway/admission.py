@@ -44,10 +44,10 @@ class Call:
     def remaining(self) -> float:
         return self.expires - time.monotonic()
 
-    def call_timeout(self) -> float:
+    def call_timeout(self, grace: float = 0.0) -> float:
         """The timeout of the next Triton call: its time in Triton's queue (queue_timeout) plus its time in the
-        model (inference_timeout), or what is left of the total deadline if that is less."""
-        return min(self.route.queue_timeout + self.route.inference_timeout, self.remaining())
+        model (inference_timeout), plus ``grace``, or what is left of the total deadline if that is less."""
+        return min(self.route.queue_timeout + self.route.inference_timeout + grace, self.remaining())
 
     def start_by_us(self) -> int:
         """When Triton must have started this call (arrival + queue_timeout), as the runtimes read it: wall-clock

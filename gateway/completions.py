@@ -5,6 +5,10 @@ Each prompt is one decoupled Triton request over a gRPC stream, carrying arrival
 service's total deadline; each Triton stream under queue_timeout + inference_timeout. A stream's status is sent with
 its first piece, so a refusal or an error before any text is an HTTP error as for a whole response; past that, an
 error ends the stream with an error event, then ``[DONE]``. The Triton request is cancelled either way.
+
+Bodies and chunks are dicts shaped as gateway/responses.py's CompletionResponse, CompletionChunk,
+ChatCompletionResponse and ChatCompletionChunk: a model a chunk cost ten times the dict's CPU, and
+tests/test_openapi.py validates what these endpoints send against the document.
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ if TYPE_CHECKING:
     from .state import Gateway
 
 
+# How long after queue_timeout + inference_timeout the gateway gives up on an LLM stream (within total_timeout).
+LLM_BACKSTOP_GRACE_S = 0.5
+
+
 @dataclass(frozen=True)
 class Piece:
     text: str
@@ -72,7 +80,11 @@ async def generate(gateway: Gateway, call: Call, inputs: dict[str, Any], arrival
     service = call.route.service
     metrics = gateway.metrics.of(service)
     first = True
-    async for result in gateway.triton.stream(service, inputs, call.call_timeout(), call.start_by_us()):
+    # The engine ends the request itself at queue_timeout (the start-by) or inference_timeout: the call's own
+    # timeout is only a backstop and should not race the engine's answer (a cancellation crossing a completion is
+    # where tritonserver 2.51's gRPC handlers have known races: server#7840, #8078).
+    timeout = call.call_timeout(grace=LLM_BACKSTOP_GRACE_S)
+    async for result in gateway.triton.stream(service, inputs, timeout, call.start_by_us()):
         piece = Piece(
             text=result[TEXT_OUTPUT].item().decode("utf-8"),
             finish_reason=result[FINISH_REASON].item().decode("utf-8"),

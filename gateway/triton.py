@@ -12,6 +12,7 @@ Triton's own refusals become gateway errors here, so routes see one error path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -21,15 +22,21 @@ import numpy.typing as npt
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import deserialize_bytes_tensor, np_to_triton_dtype, triton_to_np_dtype
 
-from runtimes.signatures import QUEUE_FULL_MESSAGE, QUEUE_TIMEOUT_MESSAGE, START_BY_PARAMETER
+from runtimes.signatures import QUEUE_FULL_MESSAGE, QUEUE_TIMEOUT_MESSAGE, START_BY_PARAMETER, UNLOADING_MESSAGE
 
 from .errors import BadRequest, DeadlineExceeded, GatewayError, Unavailable
+from .protocol import REQUEST_FIELD_OF_TENSOR
 
 Tensors = dict[str, npt.NDArray[Any]]
 
 # Triton's messages for a request turned away: a full queue, and a queue timeout; the encoder runtimes (for a
 # request whose start-by passed) and the LLM engine answer with the same texts.
 _QUEUE_FULL, _QUEUE_TIMEOUT = QUEUE_FULL_MESSAGE, QUEUE_TIMEOUT_MESSAGE
+# A stream's error reaches the gateway as its text alone, without its status. Triton's switch for that (the
+# `triton_grpc_error: true` header, which ends the stream with the error's gRPC status) is not used: with it,
+# tritonserver 2.51 died twice in python -m benchmarks.llm under a burst of refusals, and never without it. So
+# errors are told apart by their text: Triton's queue texts, the model unloading, and the runtimes' habit of naming
+# the input at fault first.
 # As tritonclient sets them: a batch of embeddings can exceed gRPC's default 4 MiB.
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]
 
@@ -76,6 +83,7 @@ class Triton:
         self.url = url
         self._channel = grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        self._closing: set[asyncio.Task[None]] = set()  # streams whose last response came, until their call ends
 
     async def close(self) -> None:
         await self._channel.close()
@@ -138,21 +146,36 @@ class Triton:
             await done.wait()
 
         responses = self._stub.ModelStreamInfer(one_request(), timeout=timeout)
+        ended = False
         try:
             async for message in responses:
-                if message.error_message:
+                if message.error_message:  # the text alone, no status (above)
                     raise triton_error(service, None, message.error_message, timeout)
                 response = message.infer_response
                 if response.outputs:
                     yield response_tensors(response)
                 final = response.parameters.get("triton_final_response")
                 if final is not None and final.bool_param:
+                    ended = True
                     return
         except grpc.aio.AioRpcError as error:
             raise triton_error(service, error.code(), error.details() or "", timeout) from None
         finally:
-            done.set()
-            responses.cancel()
+            done.set()  # the request side closes: Triton ends the call once its last response is out
+            if ended:
+                # Never cancel a call whose request has ended: tritonserver 2.51 then often failed to stop ("Exit
+                # timeout expired") after serving LLM streams. It ends by itself; a task keeps it until then.
+                self._closing.add(task := asyncio.create_task(_drain(responses)))
+                task.add_done_callback(self._closing.discard)
+            else:
+                responses.cancel()
+
+
+async def _drain(call: Any) -> None:
+    """Waits for a finished stream's call to end (nothing more arrives on it)."""
+    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+        async for _ in call:
+            pass
 
 
 def triton_error(service: str, code: grpc.StatusCode | None, message: str, timeout: float) -> GatewayError:
@@ -164,8 +187,14 @@ def triton_error(service: str, code: grpc.StatusCode | None, message: str, timeo
                            headers={"Retry-After": "1"})
     if _QUEUE_FULL in message:
         return Unavailable(f"{service} is overloaded: {message}", headers={"Retry-After": "1"})
-    if code is grpc.StatusCode.UNAVAILABLE:
-        return Unavailable(f"Triton is unreachable: {message}", headers={"Retry-After": "1"})
-    if code is grpc.StatusCode.INVALID_ARGUMENT:
-        return BadRequest(f"{service} rejected the request: {message}")
+    if code is grpc.StatusCode.UNAVAILABLE or UNLOADING_MESSAGE in message:  # Triton unreachable, or unloading
+        return Unavailable(f"{service} is unavailable: {message}", headers={"Retry-After": "1"})
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, None):
+        # The runtimes name the tensor at fault first ("text_input: the prompt has 1206 tokens; ..."): the client
+        # is told the request field it filled that tensor from.
+        tensor, _, detail = message.partition(": ")
+        if field := REQUEST_FIELD_OF_TENSOR.get(tensor):
+            return BadRequest(f"{field}: {detail}", param=field)
+        if code is not None:
+            return BadRequest(f"{service} rejected the request: {message}")
     return GatewayError(f"{service} failed: {message}")

@@ -27,9 +27,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from runtimes.llm import BatchGenerator, GenerationEvent, GenerationRequest, RunningBatch, _Row
-from runtimes.signatures import QUEUE_FULL_MESSAGE, QUEUE_TIMEOUT_MESSAGE
+from runtimes.signatures import QUEUE_FULL_MESSAGE, QUEUE_TIMEOUT_MESSAGE, UNLOADING_MESSAGE
 
-UNLOADING_MESSAGE = "the model is unloading"
 # While requests wait for the batch_timeout hold, or nothing runs, the engine still wakes this often to see
 # cancellations and queue timeouts (a running batch checks at every step).
 _IDLE_TICK_S = 0.01

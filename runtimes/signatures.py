@@ -82,3 +82,5 @@ START_BY_PARAMETER = "sluice_start_by_us"
 # Retry-After) handles every refusal alike.
 QUEUE_FULL_MESSAGE = "Exceeds maximum queue size"
 QUEUE_TIMEOUT_MESSAGE = "Request timeout expired"
+# The LLM engine's answer to every request still open when its model unloads (UNAVAILABLE: a client may retry).
+UNLOADING_MESSAGE = "the model is unloading"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import signal
 import time
 import urllib.error
@@ -34,7 +35,18 @@ class Serving:
 
 
 def triton_settings(compiled: Compiled, repository: Path, workdir: Path) -> TritonSettings:
-    return TritonSettings(repository.resolve(), workdir.resolve(), compiled.plan.config.server)
+    return TritonSettings(
+        repository.resolve(), workdir.resolve(), compiled.plan.config.server, exit_timeout_for(compiled)
+    )
+
+
+def exit_timeout_for(compiled: Compiled) -> int:
+    """Triton's exit timeout: long enough for every request in flight at a stop to end by itself. Triton unloads
+    a model (its finalize answers what is left) only once no stream is open, and an LLM request ends within
+    queue_timeout + inference_timeout (its engine enforces both); past the exit timeout Triton gives up unclean."""
+    default = TritonSettings.exit_timeout_secs
+    llms = [service.runtime for service in compiled.plan.services if service.model.type == "llm"]
+    return max([default, *(math.ceil(r.queue_timeout + r.inference_timeout) + 1 for r in llms)])
 
 
 @contextmanager
@@ -142,11 +154,13 @@ def run_gateway(settings: GatewaySettings, say: Say) -> None:
 
 def serve_asgi(app: Any, host: str, port: int) -> None:
     """Serve an ASGI app as the gateway is served (the benchmark's bare forwarder too, to compare like with like):
-    uvicorn on uvloop and httptools, no access log, the collector quieted once the app is built."""
+    uvicorn on uvloop and httptools, no access log of uvicorn's (the gateway writes its own), the collector quieted
+    once the app is built. uvicorn installs no logging of its own either: its records go where the process's
+    logging sends them (gateway/logs.py configure_logging, which the `sluice` commands call)."""
     import uvicorn
 
     config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning",
+        app, host=host, port=port, log_config=None,
         access_log=False, loop="uvloop", http="httptools", lifespan="on",
         # Clients reach the gateway directly or through a proxy that the operator configures; trusting
         # X-Forwarded-* by default would let any client spoof its address.

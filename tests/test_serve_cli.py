@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -13,8 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from compiler.pipeline import build_plan
+from sluice.serve import exit_timeout_for
 from sluice.triton_server import free_ports
 from tests.helpers import write_yaml
+
+DATA = Path(__file__).parent / "data"
 
 pytestmark = pytest.mark.integration
 
@@ -130,3 +135,16 @@ def test_serve_names_missing_services_when_the_running_triton_lacks_them(
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 1
     assert "is not ready to serve: chat" in output
+
+
+def test_exit_timeout_covers_every_llm_request_when_queue_and_inference_timeouts_are_long(tmp_path: Path) -> None:
+    # Triton unloads a model only once its streams have ended: the exit timeout must outlast the longest request.
+    seed = build_plan(DATA / "seed_config.yaml")
+    [llm] = [service.runtime for service in seed.plan.services if service.model.type == "llm"]
+    assert exit_timeout_for(seed) >= llm.queue_timeout + llm.inference_timeout
+    text = (DATA / "seed_config.yaml").read_text()
+    text = text.replace("inference_timeout: 2.0", "inference_timeout: 9.5")
+    text = text.replace("total_timeout: 3.0", "total_timeout: 12")
+    assert "inference_timeout: 9.5" in text and "total_timeout: 12" in text
+    (tmp_path / "long.yaml").write_text(text)
+    assert exit_timeout_for(build_plan(tmp_path / "long.yaml")) == math.ceil(llm.queue_timeout + 9.5) + 1
