@@ -19,6 +19,7 @@ from pathlib import Path
 import runtimes
 
 from .export import ExportKind, cache_key, detect_reranker_kind, export_cached, resolve_model_dir
+from .export_source import model_label
 from .plan import ARTIFACTS_DIR, ServicePlan
 
 Progress = Callable[[str], None]
@@ -33,14 +34,16 @@ class ServiceArtifacts:
 
 
 def service_artifacts(
-    service: ServicePlan, config_dir: Path, cache_root: Path, progress: Progress
+    service: ServicePlan, config_dir: Path, cache_root: Path, progress: Progress, *, config_file: Path | None = None
 ) -> ServiceArtifacts:
-    """Export (or find in the cache) the service's model and list every file its version directory needs."""
+    """Export (or find in the cache) the service's model and list every file its version directory needs.
+
+    ``config_file`` only names the config in a model-not-found error's advice (`sluice pull CONFIG`)."""
     model = service.model
-    model_dir = resolve_model_dir(model.model_name, config_dir)
+    model_dir = resolve_model_dir(model.model_name, config_dir, config_file=config_file)
     if model.type == "llm":
         source, fingerprint = model_dir, cache_key("llm", model_dir, max_length=model.max_length)
-        progress(f"{service.name}: serving {model_dir.name} with transformers (no export needed)")
+        progress(f"{service.name}: serving {model_label(model_dir)} with transformers (no export needed)")
     else:
         cross_encoder = model.type == "reranker" and detect_reranker_kind(model_dir) == "cross_encoder"
         kind: ExportKind = "cross_encoder" if cross_encoder else "embedding"
@@ -50,7 +53,7 @@ def service_artifacts(
         )
         fingerprint = source.name
         if not hit:
-            progress(f"{service.name}: exported {model_dir.name} ({kind}) to {source}")
+            progress(f"{service.name}: exported {model_label(model_dir)} ({kind}) to {source}")
     version = f"{service.name}/1"
     files = {f"{version}/model.py": RUNTIME_DIR / RUNTIME_ENTRY[model.type]}
     files.update({f"{version}/runtimes/{module.name}": module for module in sorted(RUNTIME_DIR.glob("*.py"))})

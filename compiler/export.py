@@ -33,6 +33,7 @@ from compiler.export_source import (
     TOKENIZER_FILES,
     PoolingMode,
     detect_reranker_kind,
+    model_label,
     read_config,
     read_pooling,
     resolve_model_dir,
@@ -105,13 +106,13 @@ def export_embedding(
     pooling = read_pooling(model_dir)
     steps: dict[str, float] = {}
     with _timed(steps, "load"):
-        say(f"loading {model_dir.name}")
+        say(f"loading {model_label(model_dir)}")
         model, tokenizer = _load(AutoModel, model_dir, max_length)
         input_names = _input_names(model, tokenizer)
         graph = export_graph.EmbeddingGraph(model, pooling).eval()
         example = _encode(tokenizer, input_names, (list(_TRACE_TEXTS),))
     with _timed(steps, "export"):
-        say(f"exporting {model_dir.name} to ONNX")
+        say(f"exporting {model_label(model_dir)} to ONNX")
         dim = int(_run(graph, example).shape[-1])
         out_dir.mkdir(parents=True, exist_ok=True)
         export_graph.write_onnx(graph, example, export_graph.EMBEDDING_OUTPUT, (dim,), out_dir / MODEL_FILE, OPSET)
@@ -123,7 +124,7 @@ def export_embedding(
         return export_graph.normalize(pooled)
 
     with _timed(steps, "check"):
-        say(f"checking {model_dir.name} ONNX against PyTorch")
+        say(f"checking {model_label(model_dir)} ONNX against PyTorch")
         batches = export_check.embedding_batches(tokenizer, input_names, max_length)
         check = export_check.check_embeddings(out_dir / MODEL_FILE, reference, batches)
     report = ExportReport(
@@ -154,14 +155,14 @@ def export_cross_encoder(
     num_labels = _num_labels(model_dir)
     steps: dict[str, float] = {}
     with _timed(steps, "load"):
-        say(f"loading {model_dir.name}")
+        say(f"loading {model_label(model_dir)}")
         model, tokenizer = _load(AutoModelForSequenceClassification, model_dir, max_length)
         input_names = _input_names(model, tokenizer)
         graph = export_graph.ScoreGraph(model, num_labels).eval()
         queries, documents = zip(*[(text, text[::-1]) for text in _TRACE_TEXTS], strict=True)
         example = _encode(tokenizer, input_names, (list(queries), list(documents)))
     with _timed(steps, "export"):
-        say(f"exporting {model_dir.name} to ONNX")
+        say(f"exporting {model_label(model_dir)} to ONNX")
         out_dir.mkdir(parents=True, exist_ok=True)
         export_graph.write_onnx(graph, example, export_graph.SCORE_OUTPUT, (), out_dir / MODEL_FILE, OPSET)
 
@@ -169,7 +170,7 @@ def export_cross_encoder(
         return export_graph.relevance(model(**batch).logits, num_labels)
 
     with _timed(steps, "check"):
-        say(f"checking {model_dir.name} ONNX against PyTorch")
+        say(f"checking {model_label(model_dir)} ONNX against PyTorch")
         batches = export_check.pair_batches(tokenizer, input_names, max_length)
         check = export_check.check_scores(out_dir / MODEL_FILE, reference, batches)
     report = ExportReport(
@@ -208,7 +209,7 @@ def export_cached(
     key = cache_key(kind, model_dir, max_length=max_length)
     final = cache_root / f"{kind}-{key[:32]}"
     if (final / MANIFEST_FILE).is_file():
-        (progress or _silent)(f"{model_dir.name}: using cached {kind} export {final.name}")
+        (progress or _silent)(f"{model_label(model_dir)}: using cached {kind} export {final.name}")
         return final, True
     cache_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache_root))

@@ -7,11 +7,12 @@ Nothing here imports torch, so the compiler can plan without paying for it.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 from sluice.errors import CompileError
+
+from .hub import find_cached, hub_cache_dir, is_hub_id
 
 PoolingMode = Literal["mean", "cls", "max"]
 RerankerKind = Literal["cross_encoder", "cosine"]
@@ -44,42 +45,54 @@ _LEGACY_POOLING_KEYS = {
     "pooling_mode_weightedmean_tokens": "weightedmean",
     "pooling_mode_lasttoken": "lasttoken",
 }
-# A Hugging Face repo id: "name" or "owner/name" (letters, digits, "-", "_", ".").
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
-def resolve_model_dir(model_name: str, base_dir: Path, *, hf_cache_dir: Path | None = None) -> Path:
+def resolve_model_dir(
+    model_name: str, base_dir: Path, *, hf_cache_dir: Path | None = None, config_file: Path | None = None
+) -> Path:
     """Turn a config's ``model_name`` into a local model directory, never touching the network.
 
     ``model_name`` is a path (relative ones are relative to ``base_dir``, the config file's directory) or a
     Hugging Face id already in the local HF cache (``hf_cache_dir``, default: the hub's own cache location).
+    ``config_file`` only names the config in the error's advice.
     """
     candidate = base_dir / Path(model_name).expanduser()
     if candidate.is_dir():
         return candidate.resolve()
-    if _HUB_ID.match(model_name) and ".." not in model_name:
-        snapshot = _find_in_hf_cache(model_name, hf_cache_dir)
+    if is_hub_id(model_name):
+        snapshot = find_cached(model_name, hf_cache_dir)
         if snapshot is not None:
             return snapshot
-    raise CompileError(
-        f"model {model_name!r} was not found locally: {candidate} is not a directory and no snapshot of "
-        f"{model_name!r} is in the Hugging Face cache. Sluice never downloads models; put the model files in a "
-        "directory (or `sluice models` for the demo models) and point model_name at it."
+    raise CompileError(not_found_message(model_name, candidate, hf_cache_dir or hub_cache_dir(), config_file))
+
+
+def model_label(model_dir: Path) -> str:
+    """How messages name a model directory: a Hugging Face cache snapshot (``models--org--name/snapshots/<commit>``)
+    by its repo id, any other directory by its name."""
+    repo = model_dir.parent.parent.name
+    if model_dir.parent.name == "snapshots" and repo.startswith("models--"):
+        return repo.removeprefix("models--").replace("--", "/")
+    return model_dir.name
+
+
+def not_found_message(model_name: str, candidate: Path, cache_dir: Path, config_file: Path | None) -> str:
+    """Why ``model_name`` was not found, and each way to get it."""
+    if not is_hub_id(model_name):
+        return (
+            f"model {model_name!r} was not found locally: {candidate} is not a directory. model_name is a model "
+            "directory (relative to the config file's directory) or a Hugging Face id (org/name)."
+        )
+    config = str(config_file) if config_file is not None else "CONFIG"
+    local = f"models/{model_name.rsplit('/', 1)[-1]}"
+    return (
+        f"model {model_name!r} was not found locally: {candidate} is not a directory, and the Hugging Face cache "
+        f"({cache_dir}) has no snapshot of it. Compiling never downloads; get the files with one of:\n"
+        f"    sluice pull {config}    # every Hub model the config names, into that cache\n"
+        f"    hf download {model_name}    # this one, into that cache (HF_HUB_CACHE or HF_HOME move it)\n"
+        f"    hf download {model_name} --local-dir {local}    # into a directory; then model_name: {local}\n"
+        "  A local directory works too: model_name is then its path, relative to the config file's directory "
+        "(`sluice models` makes the demo models under models/)."
     )
-
-
-def _find_in_hf_cache(repo_id: str, hf_cache_dir: Path | None) -> Path | None:
-    # Imported here: huggingface_hub reads HF_* environment variables at import time, and only this path needs it.
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    try:
-        # local_files_only: a cache lookup, never a request, whatever HF_HUB_OFFLINE says.
-        found = snapshot_download(repo_id, local_files_only=True, cache_dir=hf_cache_dir)
-    except (LocalEntryNotFoundError, HFValidationError):
-        return None
-    path = Path(found)
-    return path if (path / "config.json").is_file() else None
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:

@@ -76,10 +76,30 @@ _UniqueKeyLoader.add_constructor(
 
 def _load_yaml(path: Path) -> Source:
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506
+        # Read from the open file, not its text: PyYAML names the stream in its marks ("<unicode string>" else).
+        with path.open(encoding="utf-8") as stream:
+            data = yaml.load(stream, Loader=_UniqueKeyLoader)  # noqa: S506
+    except yaml.MarkedYAMLError as exc:
+        raise ConfigError(str(path), [_yaml_issue(path, exc)]) from None
     except yaml.YAMLError as exc:
         raise ConfigError(str(path), [ConfigIssue("<file>", f"not valid YAML: {exc}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), [ConfigIssue("<file>", f"not UTF-8 text ({exc.reason})")]) from None
+    except OSError as exc:
+        raise ConfigError(str(path), [ConfigIssue("<file>", f"cannot be read: {exc.strerror}")]) from None
     return Source(str(path), data if data is not None else {})
+
+
+def _yaml_issue(path: Path, exc: yaml.MarkedYAMLError) -> ConfigIssue:
+    """A YAML error located as ``path:line:column`` (1-based, as editors count), with PyYAML's own words."""
+    mark = exc.problem_mark or exc.context_mark
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    message = f"not valid YAML: {exc.problem or exc.context}"
+    context = exc.context_mark
+    elsewhere = context is not None and mark is not None and (context.line, context.column) != (mark.line, mark.column)
+    if exc.context and exc.problem and context is not None and elsewhere:
+        message += f" ({exc.context} started at line {context.line + 1}, column {context.column + 1})"
+    return ConfigIssue(where, message)
 
 
 def _load_python(path: Path) -> Source:

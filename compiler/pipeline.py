@@ -60,7 +60,8 @@ def compile_repository(
     config_dir = Path(config_path).resolve().parent
     cache_root = cache_root or config_dir / ".sluice" / "cache"
     artifacts = {
-        service.name: service_artifacts(service, config_dir, cache_root, say) for service in compiled.plan.services
+        service.name: service_artifacts(service, config_dir, cache_root, say, config_file=Path(config_path))
+        for service in compiled.plan.services
     }
     texts = render_repository(compiled.plan, {name: found.fingerprint for name, found in artifacts.items()})
     digest = repository_digest(texts, artifacts)

@@ -76,7 +76,9 @@ def _link_or_copy(source: Path, target: Path) -> None:
     # never reaches into a compiled repository.
     if source.stat().st_size > _LINK_ABOVE_BYTES:
         try:
-            os.link(source, target)
+            # resolve(): a Hugging Face cache snapshot's files are symlinks to its blobs, and link(2) would link
+            # the symlink itself (a relative one, dangling in the repository), not the file.
+            os.link(source.resolve(), target)
             return
         except OSError:
             pass  # another filesystem: copy instead

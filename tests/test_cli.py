@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
+from compiler.pipeline import build_plan
+from compiler.plan import enforcement
 from sluice.cli import app
 from tests.helpers import MINIMAL, config_with, demo_config, write_yaml
 
@@ -72,3 +76,46 @@ def test_explain_exits_nonzero_when_file_is_missing(tmp_path: Path) -> None:
 def test_minimal_config_is_valid_when_written(tmp_path: Path) -> None:
     result = runner.invoke(app, ["explain", str(write_yaml(tmp_path, MINIMAL))])
     assert result.exit_code == 0, result.output
+
+
+def test_explain_prints_every_row_whole_on_one_line_when_output_is_not_a_terminal() -> None:
+    # 80 columns, the width a pipe gets: a table cut or wrapped rows to fit it.
+    result = runner.invoke(app, ["explain", str(DATA / "seed_config.yaml")], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    for service in build_plan(DATA / "seed_config.yaml").plan.services:
+        assert any(line.startswith(f"{service.name}  (") for line in lines)
+        for row in enforcement(service):
+            assert any(line.split()[:1] == [row.knob] and line.endswith(row.what) for line in lines), row.what
+    assert not any(char in result.stdout for char in "│┃…")
+
+
+def test_explain_json_lists_each_service_with_its_knobs_when_asked() -> None:
+    result = runner.invoke(app, ["explain", "--json", str(DATA / "seed_config.yaml")])
+    assert result.exit_code == 0, result.output
+    services = json.loads(result.stdout)  # stdout is JSON alone: the warnings went to stderr
+    compiled = build_plan(DATA / "seed_config.yaml")
+    assert [service["service"] for service in services] == [service.name for service in compiled.plan.services]
+    for entry, service in zip(services, compiled.plan.services, strict=True):
+        assert entry["type"] == service.model.type and entry["model_name"] == service.model.model_name
+        assert entry["knobs"] == {
+            row.knob: {"value": row.value, "explicit": row.explicit, "where": row.where, "what": row.what}
+            for row in enforcement(service)
+        }
+    llm = next(entry for entry in services if entry["service"] == "llm_service")
+    assert llm["knobs"]["batch_size"]["value"] == 4 and llm["knobs"]["enable_cache"]["where"] == "none"
+    assert "can never bind" in result.stderr
+
+
+def test_help_lists_every_command_with_its_summary_when_run_without_a_command() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0, result.output
+    listed = " ".join(result.stdout.replace("│", " ").split())
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    assert set(commands) >= {"compile", "explain", "models", "pull", "serve", "gateway", "up"}
+    for name, command in commands.items():
+        summary = (command.help or "").split("\n\n")[0].strip()
+        assert summary, f"{name} has no help"
+        assert f"{name} {summary}" in listed, name
+        own = runner.invoke(app, [name, "--help"])
+        assert own.exit_code == 0 and summary in " ".join(own.stdout.replace("│", " ").split()), name

@@ -108,6 +108,25 @@ def test_load_rejects_the_file_when_yaml_is_malformed(tmp_path: Path) -> None:
         build_plan(config)
 
 
+def test_load_names_the_file_line_and_column_when_yaml_is_malformed(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("models:\n  emb:\n    type: [embedding,\n  services: {}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        build_plan(config)
+    (issue,) = caught.value.issues
+    assert issue.path == f"{config}:5:1"  # the end of the file, where the unclosed sequence was still open
+    assert "expected ',' or ']'" in issue.message and "started at line 3, column 11" in issue.message
+    assert "<unicode string>" not in str(caught.value)
+
+
+def test_load_names_the_line_when_yaml_repeats_a_key(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("models: {}\nservices: {}\nmodels: {}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        build_plan(config)
+    assert [issue.path for issue in caught.value.issues] == [f"{config}:3:1"]
+
+
 def test_build_plan_names_the_flat_key_when_config_py_is_invalid(tmp_path: Path) -> None:
     config = tmp_path / "config.py"
     config.write_text(
