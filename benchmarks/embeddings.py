@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import aiohttp
 import numpy as np
@@ -250,17 +250,19 @@ def served_process(module_args: list[str], what: str) -> Iterator[tuple[str, int
     """``python -m <module_args> --port <free port>`` in its own process, once its /ready answers: its URL and
     process id."""
     (port,) = free_ports(1)
+    # stderr to a file, never a pipe nobody reads: the gateway writes an access line per request (its cost counts).
+    log = tempfile.TemporaryFile("w+")
     process = subprocess.Popen(
-        [sys.executable, "-m", *module_args, "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-m", *module_args, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=log, text=True
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_ready(process, url, what, timeout_s=60)
+        wait_until_ready(process, url, what, timeout_s=60, log=log)
         yield url, process.pid
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=30)
+        log.close()
 
 
 def gateway_process(repository: Path, grpc_url: str) -> AbstractContextManager[tuple[str, int]]:
@@ -275,12 +277,14 @@ def bare_forwarder_process(grpc_url: str) -> AbstractContextManager[tuple[str, i
     return served_process(["benchmarks.bare_forwarder", "--triton-grpc", grpc_url], "the bare forwarder")
 
 
-def wait_until_ready(process: subprocess.Popen[str], url: str, what: str, timeout_s: float) -> None:
-    """Until ``url``/ready answers 200; RuntimeError with the process's stderr if it exits or ``timeout_s`` passes."""
+def wait_until_ready(process: subprocess.Popen[str], url: str, what: str, timeout_s: float, log: IO[str]) -> None:
+    """Until ``url``/ready answers 200; RuntimeError with the process's stderr (the file ``log``) if it exits or
+    ``timeout_s`` passes."""
     deadline = time.monotonic() + timeout_s
     while not _ready(url):
         if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not start: {process.stderr.read() if process.stderr else ''}")
+            log.seek(0)
+            raise RuntimeError(f"{what} did not start: {log.read()[-4000:]}")
         time.sleep(0.2)
 
 

@@ -145,12 +145,14 @@ def sluice_up(config: Path, source: Path, redis_url: str | None, gateway: str, e
     if redis_url:
         env["SLUICE_REDIS_URL"] = redis_url
     env["SLUICE_CACHE_DIR"] = str(export_cache)
+    # stderr to a file, never a pipe nobody reads: the gateway writes an access line per request (its cost counts).
+    log = tempfile.TemporaryFile("w+")
     process = subprocess.Popen(
         [sys.executable, "-m", "sluice", "up", str(config), "-o", str(config.parent / "model_repository")],
-        cwd=source, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        cwd=source, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True, start_new_session=True,
     )
     try:
-        wait_until_ready(process, gateway, "sluice up", timeout_s=300)
+        wait_until_ready(process, gateway, "sluice up", timeout_s=300, log=log)
         yield process.pid
     finally:
         process.send_signal(signal.SIGINT)
@@ -159,6 +161,7 @@ def sluice_up(config: Path, source: Path, redis_url: str | None, gateway: str, e
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        log.close()
 
 
 def _metric(text: str, name: str, **labels: str) -> float | None:

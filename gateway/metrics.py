@@ -2,44 +2,97 @@
 tests, and no global state).
 
 Routes reach a service's metrics through ``GatewayMetrics.of(service)``: children bound once per service, since
-``labels()`` (a lock, a tuple, a dict lookup) on every count is a measurable part of a cache hit's CPU.
+``labels()`` (a lock, a tuple, a dict lookup) on every count is a measurable part of a cache hit's CPU. A service
+has only the series it can move (no time to first token for an embedding service, no cache counts where the cache
+is off): its other fields are None. Counts that belong to one request (Triton time, cache hits and misses, LLM
+tokens) also go to that request's access line (gateway/logs.py).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sluice.manifest import Route
+
 from .errors import DeadlineExceeded, GatewayError
+from .logs import current_record, unanswered_status
 
 _MERGE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# The service label of a request refused before its service was known (unknown model, invalid body, auth, size),
+# and the endpoint label of a path the gateway does not serve: neither a model name nor a path from a client ever
+# becomes a label value.
+NO_SERVICE = "-"
+NO_ENDPOINT = "-"
+
+
+class _Tallied:
+    """A metric child whose every count is also added to the current request's access record, field ``field``
+    (``first_only``: only its first count is kept, as a request of several prompts has one time to first token)."""
+
+    __slots__ = ("_child", "_field", "_first_only")
+
+    def __init__(self, child: Any, field: str, *, first_only: bool = False) -> None:
+        self._child = child
+        self._field = field
+        self._first_only = first_only
+
+    def _tally(self, amount: float) -> None:
+        record = current_record.get()
+        if record is not None:
+            so_far = getattr(record, self._field)
+            if so_far is None:
+                setattr(record, self._field, amount)
+            elif not self._first_only:
+                setattr(record, self._field, so_far + amount)
+
+
+class _TalliedCounter(_Tallied):
+    __slots__ = ()
+
+    def inc(self, amount: float = 1) -> None:
+        self._child.inc(amount)
+        self._tally(amount)
+
+
+class _TalliedHistogram(_Tallied):
+    __slots__ = ()
+
+    def observe(self, amount: float) -> None:
+        self._child.observe(amount)
+        self._tally(amount)
 
 
 @dataclass(frozen=True)
 class ServiceMetrics:
-    """One service's children of the gateway's metrics."""
+    """One service's children of the gateway's metrics; None where the service cannot move the metric."""
 
-    triton_latency: Any
-    merged: Any
-    rate_limited_by_key: Any
+    triton_latency: Any  # encoders (an LLM stream's time is its request's)
+    merged: Any  # encoders
+    rate_limited_by_key: Any  # with gateway.key_rate_limit
     rate_limited_by_service: Any
-    cache_hits: Any
-    cache_misses: Any
+    cache_hits: Any  # with enable_cache
+    cache_misses: Any  # with enable_cache
     in_flight: Any
     deadlines: Any
-    prompt_tokens: Any
-    completion_tokens: Any
-    first_token: Any
-    queue_depth: Any
+    prompt_tokens: Any  # llm
+    completion_tokens: Any  # llm
+    first_token: Any  # llm
+    queue_depth: Any  # encoders
 
 
 class GatewayMetrics:
-    def __init__(self) -> None:
+    """The gateway's metrics for ``routes``; ``key_rate_limited``: whether API keys have a rate limit of their own."""
+
+    def __init__(self, routes: Iterable[Route], *, key_rate_limited: bool = False) -> None:
+        self.routes = {route.service: route for route in routes}
+        self.key_rate_limited = key_rate_limited
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("sluice_gateway_requests", "Requests by service, endpoint and HTTP status",
@@ -74,23 +127,30 @@ class GatewayMetrics:
                                ["service", "reason"], registry=r)
         self._services: dict[str, ServiceMetrics] = {}
         self._per_request: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        for service in self.routes:  # every series a service can move exists from the start, at 0
+            self.of(service)
 
     def of(self, service: str) -> ServiceMetrics:
         bound = self._services.get(service)
         if bound is None:
+            route = self.routes[service]
+            encoder, llm, cached = route.type != "llm", route.type == "llm", route.enable_cache
             bound = self._services[service] = ServiceMetrics(
-                triton_latency=self.triton_latency.labels(service),
-                merged=self.merged.labels(service),
-                rate_limited_by_key=self.rate_limited.labels(service, "api_key"),
+                triton_latency=_TalliedHistogram(self.triton_latency.labels(service), "triton_seconds")
+                if encoder else None,
+                merged=self.merged.labels(service) if encoder else None,
+                rate_limited_by_key=self.rate_limited.labels(service, "api_key") if self.key_rate_limited else None,
                 rate_limited_by_service=self.rate_limited.labels(service, "service"),
-                cache_hits=self.cache_hits.labels(service),
-                cache_misses=self.cache_misses.labels(service),
+                cache_hits=_TalliedCounter(self.cache_hits.labels(service), "cache_hits") if cached else None,
+                cache_misses=_TalliedCounter(self.cache_misses.labels(service), "cache_misses") if cached else None,
                 in_flight=self.in_flight.labels(service),
                 deadlines=self.deadlines.labels(service),
-                prompt_tokens=self.prompt_tokens.labels(service),
-                completion_tokens=self.completion_tokens.labels(service),
-                first_token=self.first_token.labels(service),
-                queue_depth=self.queue_depth.labels(service),
+                prompt_tokens=_TalliedCounter(self.prompt_tokens.labels(service), "prompt_tokens") if llm else None,
+                completion_tokens=_TalliedCounter(self.completion_tokens.labels(service), "completion_tokens")
+                if llm else None,
+                first_token=_TalliedHistogram(self.first_token.labels(service), "first_token_seconds", first_only=True)
+                if llm else None,
+                queue_depth=self.queue_depth.labels(service) if encoder else None,
             )
         return bound
 
@@ -114,12 +174,14 @@ class GatewayMetrics:
 
 class RequestMetrics:
     """ASGI middleware: stamps each request's arrival (``scope["state"]["arrival"]``, the start of its
-    deadline) and, when the response is complete, counts it by the service the route recorded and takes it out
-    of the service's in-flight gauge (``admit`` put it in)."""
+    deadline) and, when the response is complete, counts it: by the service the route recorded, or ``NO_SERVICE``
+    when it was refused before one was known, and by its endpoint (``_endpoint``). A request of a service leaves
+    the service's in-flight gauge (``admit`` put it in)."""
 
-    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics, endpoints: Iterable[str]) -> None:
         self.app = app
         self.metrics = metrics
+        self.endpoints = frozenset(endpoints)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -127,7 +189,7 @@ class RequestMetrics:
             return
         state: dict[str, Any] = scope.setdefault("state", {})
         state["arrival"] = time.monotonic()
-        status = 500
+        status: int | None = None
 
         async def record_status(message: Message) -> None:
             nonlocal status
@@ -135,10 +197,26 @@ class RequestMetrics:
                 status = message["status"]
             await send(message)
 
+        error: BaseException | None = None
         try:
             await self.app(scope, receive, record_status)
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             service = state.get("service")
             if service is not None:
                 self.metrics.of(service).in_flight.dec()
-                self.metrics.answered(service, scope["path"], status, time.monotonic() - state["arrival"])
+            self.metrics.answered(
+                service or NO_SERVICE, self._endpoint(scope),
+                status if status is not None else unanswered_status(error), time.monotonic() - state["arrival"],
+            )
+
+    def _endpoint(self, scope: Scope) -> str:
+        """The path template of the route that took the request (``/v1/models/{id}``); for a request refused
+        before routing, its path when that is one of ``endpoints``; otherwise ``NO_ENDPOINT``."""
+        route = scope.get("route")  # set by Starlette's router once a route matches
+        if route is not None:
+            return str(route.path)
+        path = scope["path"]
+        return path if path in self.endpoints else NO_ENDPOINT

@@ -1,4 +1,5 @@
-"""Plain ASGI middleware for the gateway: a request body limit, bearer-key auth, and cancel-on-disconnect.
+"""Plain ASGI middleware for the gateway: request ids and the access log, a request body limit, bearer-key auth, and
+cancel-on-disconnect.
 
 Each validates its options in ``__init__``, handles ``http`` scopes only and passes every other scope (lifespan,
 websocket) straight through. None of them buffers a response, so streaming (``text/event-stream``) flows untouched.
@@ -8,15 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import re
+import time
 from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import GatewayError, PayloadTooLarge, Unauthorized, envelope_bytes
+from gateway.logs import (
+    ACCESS_LOGGER,
+    REQUEST_ID_HEADER,
+    AccessLine,
+    AccessRecord,
+    current_record,
+    request_id,
+    unanswered_status,
+)
 from sluice.manifest import api_key_digest  # BearerAuth compares these digests
 
-__all__ = ["WATCHER_TASK_NAME", "WATCH_AFTER_S", "BearerAuth", "BodySizeLimit", "CancelOnDisconnect", "api_key_digest"]
+__all__ = [
+    "WATCHER_TASK_NAME", "WATCH_AFTER_S", "AccessLog", "BearerAuth", "BodySizeLimit", "CancelOnDisconnect",
+    "api_key_digest",
+]
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 WATCHER_TASK_NAME = "sluice-disconnect-watcher"
@@ -37,6 +52,59 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
         if key.lower() == name:
             return bytes(value)
     return None
+
+
+class AccessLog:
+    """Give each request an id and, once its response has ended (a stream's last byte included), write its access
+    line (gateway/logs.py) to ``logger`` unless that is off for INFO.
+
+    The id is the client's ``x-request-id`` when it is short and plain, else a new one; every response carries it
+    back as ``x-request-id``, and the app finds it in ``scope["state"]["request_id"]``. Meant to be the outermost
+    middleware: only Starlette's own 500 (its error middleware wraps every other) passes outside, and the app's
+    handler adds the id to that one.
+    """
+
+    def __init__(self, app: ASGIApp, logger: logging.Logger = ACCESS_LOGGER) -> None:
+        self.app = app
+        self.logger = logger
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        ident = request_id(scope)
+        state = scope.setdefault("state", {})
+        state["request_id"] = ident.decode()
+        status: int | None = None
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), (REQUEST_ID_HEADER, ident)]
+            await send(message)
+
+        if not self.logger.isEnabledFor(logging.INFO):
+            await self.app(scope, receive, send_with_id)
+            return
+        record = AccessRecord()
+        token = current_record.set(record)
+        error: BaseException | None = None
+        try:
+            await self.app(scope, receive, send_with_id)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            current_record.reset(token)
+            client = scope.get("client")
+            self.logger.info(AccessLine(
+                method=scope["method"], path=scope["path"],
+                status=status if status is not None else unanswered_status(error),
+                seconds=time.monotonic() - started, service=state.get("service"), request_id=state["request_id"],
+                client=client[0] if client else None, record=record,
+            ))
 
 
 class _BodyTooLarge(Exception):

@@ -57,11 +57,12 @@ class FakeBatcher:
 
 
 def fake_gateway() -> Any:
-    return SimpleNamespace(batcher=FakeBatcher(), cache=MemoryCache(100), metrics=GatewayMetrics())
+    return SimpleNamespace(batcher=FakeBatcher(), cache=MemoryCache(100), metrics=None)
 
 
 def encode_all(gateway: Any, service_route: Any, *requests: tuple[list[tuple[str, ...]], bool]) -> list[Encoded]:
     """Each (items, use_cache) encoded in turn."""
+    gateway.metrics = GatewayMetrics([service_route])
 
     async def scenario() -> list[Encoded]:
         call = Call(service_route, time.monotonic(), time.monotonic() + 10)
