@@ -17,6 +17,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from runtimes.signatures import output_names
+from sluice import __version__
+from sluice.manifest import Route as ServiceRoute
 
 from .batcher import Batcher
 from .cache import create_cache
@@ -24,19 +26,22 @@ from .completions import create_chat_completion, create_completion
 from .embeddings import create_embeddings
 from .errors import GatewayError, HTTPRefusal, RouteNotFound, Unavailable
 from .metrics import GatewayMetrics, RequestMetrics
-from .middleware import BearerAuth, BodySizeLimit, CancelOnDisconnect
+from .middleware import AccessLog, BearerAuth, BodySizeLimit, CancelOnDisconnect
+from .openapi import OPEN_PATHS as DOCS_OPEN_PATHS
+from .openapi import docs, docs_asset, openapi_json
 from .ratelimit import RateLimiter
 from .rerank import rerank
+from .responses import Info
 from .settings import GatewaySettings
 from .state import Gateway, error_response, json_response
 from .triton import Triton
 
 log = logging.getLogger("sluice.gateway")
-OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"}) | DOCS_OPEN_PATHS
 
 
 def create_app(settings: GatewaySettings) -> Starlette:
-    metrics = GatewayMetrics()
+    metrics = GatewayMetrics(settings.routes.values(), key_rate_limited=bool(settings.key_rate_limit))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -73,12 +78,18 @@ def create_app(settings: GatewaySettings) -> Starlette:
         Route("/v1/completions", create_completion, methods=["POST"]),
         Route("/v1/chat/completions", create_chat_completion, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{id}", retrieve_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
+        Route("/info", info, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
+        Route("/docs", docs, methods=["GET"]),
+        Route("/docs/static/{name}", docs_asset, methods=["GET"]),
     ]
     middleware = [
-        Middleware(RequestMetrics, metrics=metrics),
+        Middleware(AccessLog),
+        Middleware(RequestMetrics, metrics=metrics, endpoints=[route.path for route in routes]),
         Middleware(CancelOnDisconnect),
         Middleware(BearerAuth, key_digests=settings.key_digests, exempt_paths=OPEN_PATHS),
         Middleware(BodySizeLimit, max_bytes=settings.max_request_bytes),
@@ -107,18 +118,32 @@ async def http_error(request: Request, error: Exception) -> Response:
 
 
 async def unexpected_error(request: Request, error: Exception) -> Response:
-    log.exception("unexpected error on %s", request.url.path, exc_info=error)
-    return error_response(GatewayError("internal error; see the gateway log"))
+    # Starlette sends this response from outside every middleware: AccessLog cannot add the request's id to it.
+    request_id = getattr(request.state, "request_id", None)
+    log.exception("unexpected error on %s (request_id=%s)", request.url.path, request_id, exc_info=error)
+    response = error_response(GatewayError("internal error; see the gateway log"))
+    if request_id is not None:
+        response.headers["x-request-id"] = request_id
+    return response
 
 
 async def list_models(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
-    data = [
-        {"id": route.service, "object": "model", "created": 0, "owned_by": "sluice", "type": route.type,
-         "model": route.model}
-        for route in sorted(gateway.settings.routes.values(), key=lambda r: r.service)
-    ]
+    data = [model_card(route) for route in sorted(gateway.settings.routes.values(), key=lambda r: r.service)]
     return json_response({"object": "list", "data": data})
+
+
+async def retrieve_model(request: Request) -> Response:
+    """One entry of /v1/models: ``id`` is a service, or a model key that one service serves; 404 otherwise."""
+    gateway: Gateway = request.app.state.gateway
+    route = gateway.settings.resolve(request.path_params["id"], ("embedding", "reranker", "llm"))
+    return json_response(model_card(route))
+
+
+def model_card(route: ServiceRoute) -> dict[str, Any]:
+    """A service as an OpenAI model object (responses.ModelCard)."""
+    return {"id": route.service, "object": "model", "created": 0, "owned_by": "sluice", "type": route.type,
+            "model": route.model}
 
 
 async def health(request: Request) -> Response:
@@ -131,6 +156,11 @@ async def ready(request: Request) -> Response:
     if missing:
         raise Unavailable(f"not ready: {', '.join(missing)}", headers={"Retry-After": "1"})
     return json_response({"status": "ready", "services": sorted(gateway.settings.routes)})
+
+
+async def info(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    return json_response(Info.of(gateway.settings, __version__).model_dump(mode="json"))
 
 
 async def prometheus(request: Request) -> Response:

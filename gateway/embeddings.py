@@ -34,6 +34,8 @@ async def create_embeddings(request: Request) -> Response:
     else:
         vectors = list(encoded.values)
     tokens = int(encoded.tokens.sum())
+    # responses.EmbeddingResponse, built as a dict: orjson writes the numpy rows directly, at less than half the
+    # model's CPU (tests/test_openapi.py validates the dict against the document).
     payload = {
         "object": "list",
         "data": [{"object": "embedding", "index": i, "embedding": vector} for i, vector in enumerate(vectors)],

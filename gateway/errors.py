@@ -7,9 +7,10 @@ stream's final error event all send what it writes.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import orjson
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class GatewayError(Exception):
@@ -82,3 +83,26 @@ class HTTPRefusal(GatewayError):
 def envelope_bytes(error: GatewayError) -> bytes:
     """The error's envelope as JSON: the body of its response, or the data of a stream's last event."""
     return orjson.dumps(error.body())
+
+
+class ErrorBody(BaseModel):
+    """What ``GatewayError.body()`` writes under ``error`` (tests/test_openapi.py checks that every error class's
+    body validates)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    message: str
+    type: Literal["invalid_request_error", "authentication_error", "rate_limit_error", "server_error", "timeout_error"]
+    param: str | None = Field(description="The request field at fault (`input.0`, `messages.0.role`), when one is.")
+    code: str | None = Field(
+        description="bad_request, invalid_api_key, model_not_found, not_found, payload_too_large, invalid_value, "
+        "rate_limit_exceeded, unavailable, deadline_exceeded; null for other errors."
+    )
+
+
+class ErrorEnvelope(BaseModel):
+    """Every error's body, and the data of a stream's last event when it fails mid-stream."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: ErrorBody

