@@ -121,6 +121,10 @@ class ServiceQueue:
         full = self.cost.seconds(self.batch_size)
         if full is None:
             return None  # nothing measured yet: nothing to predict with
+        if not self._running and not self.waiting_chunks and rows <= self.batch_size:
+            # Idle: one batch always goes, whatever the estimate says. Only a call can correct an estimate gone stale
+            # (one slow call after a Triton restart once had it refuse everything for 54 s, sending nothing).
+            return None
         batches = math.ceil(rows / self.batch_size)
         finish = start + full * max(1.0, batches / self.slots)
         if start > first.start_by or finish > chunks[-1].finish_by:

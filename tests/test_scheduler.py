@@ -147,3 +147,15 @@ def test_batch_cost_scales_the_mean_when_every_call_had_the_same_size() -> None:
     for _ in range(3):
         cost.observe(4, 0.04)
     assert cost.seconds(8) == pytest.approx(0.08)
+
+
+def test_admit_takes_one_batch_when_idle_even_if_the_estimate_says_it_would_be_late() -> None:
+    # A stale estimate (one slow call after a Triton restart) must not refuse everything forever: nothing would be
+    # sent, so nothing would correct it.
+    q = measured(queue(batch_size=4, max_queue_size=100), seconds_per_row=10.0)  # a batch "takes" 40 s
+    assert q.admit(0.0, [chunk(1, start_by=0.1, finish_by=0.5)]) is None
+    q.add(0.0, [chunk(1, start_by=0.1, finish_by=0.5)])
+    refusal = q.admit(0.0, [chunk(1, start_by=0.1, finish_by=0.5)])  # no longer idle: the estimate decides
+    assert refusal is not None and refusal.reason == "too_late"
+    idle = measured(queue(batch_size=4, max_queue_size=100), seconds_per_row=10.0)
+    assert idle.admit(0.0, [chunk(4, start_by=0.1), chunk(4, start_by=0.1, finish_by=0.5)]) is not None  # judged
