@@ -99,6 +99,11 @@ class Gateway(_Section):
     max_request_bytes: Count = 4 * 1024 * 1024
     max_items: Count = 2048
     key_rate_limit: PerSecond | None = Field(None, description="Requests per second per API key.")
+    redis_failure: Literal["open", "closed"] = Field(
+        "open",
+        description="While redis_url cannot be reached: open (rate limits per replica in memory, cache bypassed) "
+        "or closed (503 with Retry-After).",
+    )
 
 
 class Config(_Section):

@@ -2,7 +2,9 @@
 
 The gateway encodes arrays itself; this module only keys, stores and fetches bytes. A cache is an
 optimisation, so a failing Redis turns into misses (reads) and dropped writes, counted in ``errors`` and
-logged once per burst of failures, never into a failed request.
+logged once per burst of failures, never into a failed request. Given the gateway's
+:class:`gateway.redis_link.RedisLink`, a failure marks Redis down (the link logs it, once) and the cache is
+bypassed, without a Redis call, until the link's ping answers.
 """
 
 from __future__ import annotations
@@ -16,7 +18,12 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol, cast
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+
+from .redis_link import RedisLink
 
 logger = logging.getLogger(__name__)
 
@@ -110,24 +117,30 @@ class RedisCache:
     """Entries in Redis under ``sluice:cache:<key>``, each expiring ``ttl_s`` seconds after it was written.
 
     Reads are one ``MGET``; writes one pipeline of ``SET ... PX`` (not a transaction: entries are independent).
-    Bounding memory is left to Redis (``maxmemory`` with an LRU policy).
+    Bounding memory is left to Redis (``maxmemory`` with an LRU policy). With a ``link``, reads miss and writes
+    are dropped while it says Redis is down.
     """
 
-    def __init__(self, redis_url: str, ttl_s: float = DEFAULT_TTL_S) -> None:
+    def __init__(self, redis_url: str, ttl_s: float = DEFAULT_TTL_S, link: RedisLink | None = None) -> None:
         if ttl_s <= 0:
             raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
         self.ttl_ms = max(1, round(ttl_s * 1000))
         self.errors = 0  # Redis failures so far, each one a batch served as misses or a write dropped
         self._failing_since: float | None = None  # start of the current burst of failures
         self._last_logged = 0.0
-        # No retries: a retry costs more than the recomputation it might save.
+        self._link = link
+        # No retries but one, on a connection error: it covers a pooled connection that Redis dropped (idle, or
+        # restarted), at the cost of one connect. Others cost more than the recomputation they might save.
         self._redis = Redis.from_url(
-            redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S, retry=None
+            redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:
             return []
+        if self._link is not None and not self._link.up:
+            return [None] * len(keys)
         try:
             values = await self._redis.mget([REDIS_KEY_PREFIX + key for key in keys])
         except RedisError as exc:
@@ -137,7 +150,7 @@ class RedisCache:
         return cast("list[bytes | None]", values)  # bytes, not str: the client does not decode responses
 
     async def set_many(self, items: Mapping[str, bytes]) -> None:
-        if not items:
+        if not items or (self._link is not None and not self._link.up):
             return
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
@@ -154,6 +167,9 @@ class RedisCache:
 
     def _failed(self, operation: str, exc: RedisError) -> None:
         self.errors += 1
+        if self._link is not None:  # the link logs and counts the outage, once for the cache and the limiter
+            self._link.failed(exc)
+            return
         now = time.monotonic()
         if self._failing_since is None:
             self._failing_since = self._last_logged = now
@@ -171,7 +187,9 @@ class RedisCache:
             self._failing_since = None
 
 
-def create_cache(redis_url: str | None, max_items: int, ttl_s: float = DEFAULT_TTL_S) -> ItemCache:
+def create_cache(
+    redis_url: str | None, max_items: int, ttl_s: float = DEFAULT_TTL_S, link: RedisLink | None = None
+) -> ItemCache:
     """The gateway's cache: in this process (an LRU of ``max_items``) or, given a URL, in Redis.
 
     ``max_items == 0`` turns caching off for either backend; with Redis it is otherwise unused, since Redis
@@ -179,4 +197,4 @@ def create_cache(redis_url: str | None, max_items: int, ttl_s: float = DEFAULT_T
     """
     if redis_url is None or max_items == 0:
         return MemoryCache(max_items)
-    return RedisCache(redis_url, ttl_s)
+    return RedisCache(redis_url, ttl_s, link)

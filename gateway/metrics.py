@@ -88,9 +88,10 @@ class ServiceMetrics:
 
 
 class GatewayMetrics:
-    """The gateway's metrics for ``routes``; ``key_rate_limited``: whether API keys have a rate limit of their own."""
+    """The gateway's metrics for ``routes``; ``key_rate_limited``: whether API keys have a rate limit of their own;
+    ``redis``: whether the gateway uses Redis (its up gauge and failure counter exist only then)."""
 
-    def __init__(self, routes: Iterable[Route], *, key_rate_limited: bool = False) -> None:
+    def __init__(self, routes: Iterable[Route], *, key_rate_limited: bool = False, redis: bool = False) -> None:
         self.routes = {route.service: route for route in routes}
         self.key_rate_limited = key_rate_limited
         self.registry = CollectorRegistry(auto_describe=True)
@@ -125,6 +126,14 @@ class GatewayMetrics:
         self.refused = Counter("sluice_gateway_refused", "Requests refused before any work, by reason: queue_full, "
                                "too_late (could not be served in time), queue_timeout (waited past it)",
                                ["service", "reason"], registry=r)
+        self.redis_up: Gauge | None = None
+        self.redis_failures: Counter | None = None
+        if redis:
+            self.redis_up = Gauge("sluice_gateway_redis_up", "1 while Redis answers, 0 while it cannot be reached "
+                                  "(gateway.redis_failure says what requests get meanwhile)", registry=r)
+            self.redis_up.set(1)
+            self.redis_failures = Counter("sluice_gateway_redis_failures", "Redis calls that failed: requests' "
+                                          "calls and, while Redis is down, reconnection pings", registry=r)
         self._services: dict[str, ServiceMetrics] = {}
         self._per_request: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         for service in self.routes:  # every series a service can move exists from the start, at 0

@@ -32,6 +32,10 @@ limits' own keys: limits' ``get_sliding_window`` and ``SlidingWindowCounterRateL
 budget (a test ties them). In memory limits' storage is used as it is: its acquire and its read cost no round trip
 and no other task runs between them.
 
+While Redis cannot be reached, :class:`RateLimiter` given a :class:`gateway.redis_link.RedisLink` does what
+``gateway.redis_failure`` says: ``open`` spends from this process's memory (each replica its own budget) without
+touching Redis until the link's ping answers; ``closed`` raises :class:`RateLimitStorageError` (503, Retry-After).
+
 Buckets are plain strings chosen by the gateway (``service:<name>``, ``key:<hash>:<service>``); in Redis they
 live under ``sluice:{ratelimit/<bucket>/<amount>/<window>/second}`` (current window) and ``.../-1`` (previous).
 """
@@ -54,6 +58,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from gateway.errors import Unavailable
+from gateway.redis_link import RETRY_AFTER_S, RedisLink
 
 MEMORY_URI = "async+memory://"
 REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -66,8 +71,10 @@ NAMESPACE = "ratelimit"
 LONGEST_WINDOW_S = 60
 ROUNDING_TOLERANCE = 0.02
 
-# A rate limiter that waits on a dead Redis adds its wait to every request: fail within a second instead.
+# A rate limiter that waits on a dead Redis adds its wait to every request: fail within a second instead, and
+# much sooner for a connection (on loopback or a LAN one takes well under a millisecond).
 REDIS_TIMEOUT_S = 1.0
+REDIS_CONNECT_TIMEOUT_S = 0.25
 
 # How often the in-memory storage drops counters whose windows have passed (see SweptMemoryStorage).
 SWEEP_INTERVAL_S = 1.0
@@ -109,8 +116,11 @@ return {1, previous_count, previous_ttl, current_count, current_ttl}
 class RateLimitStorageError(Unavailable):
     """The rate-limit storage (Redis) could not be reached: the request is neither allowed nor denied (503)."""
 
-    def __init__(self, cause: Exception) -> None:
-        super().__init__("Rate limiting is unavailable: its storage cannot be reached. Try again later.")
+    def __init__(self, cause: Exception | None) -> None:
+        super().__init__(
+            "Rate limiting is unavailable: Redis, which holds the rate limits, cannot be reached. Retry later.",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
         self.storage_error = cause
 
 
@@ -284,15 +294,21 @@ class RedisWindows:
 
 
 class RateLimiter:
-    """Sliding-window-counter budgets over one store; one instance per gateway process, shared by all routes."""
+    """Sliding-window-counter budgets over one store; one instance per gateway process, shared by all routes.
 
-    def __init__(self, store: WindowStore) -> None:
+    With a ``link`` (Redis's state, shared with the cache) a store failure marks Redis down, and while it is down
+    the link's ``failure`` choice applies; without one every acquire tries the store and a failure raises.
+    """
+
+    def __init__(self, store: WindowStore, link: RedisLink | None = None) -> None:
         self._store = store
+        self._link = link
+        self._fallback: MemoryWindows | None = None  # open mode's budgets while Redis is down
 
     @classmethod
-    def from_url(cls, redis_url: str | None) -> RateLimiter:
+    def from_url(cls, redis_url: str | None, link: RedisLink | None = None) -> RateLimiter:
         """In-memory budgets when ``redis_url`` is None, else budgets shared through that Redis
-        (``redis://``, ``rediss://`` or ``unix://``)."""
+        (``redis://``, ``rediss://`` or ``unix://``), falling back as ``link`` says while it is down."""
         if redis_url is None:
             return cls(MemoryWindows())
         if redis_url.partition("://")[0] not in REDIS_SCHEMES:
@@ -302,27 +318,40 @@ class RateLimiter:
         pool = ConnectionPool.from_url(
             redis_url,
             socket_timeout=REDIS_TIMEOUT_S,
-            socket_connect_timeout=REDIS_TIMEOUT_S,
+            socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
-        return cls(RedisWindows(pool))
+        return cls(RedisWindows(pool), link)
 
     async def acquire(self, bucket: str, rate: float, amount: int = 1) -> Decision:
         """Spend ``amount`` units from ``bucket``'s budget of ``rate`` units/second, if that many are left.
 
         All or nothing: a refused acquire spends nothing. More units than the budget's ``limit`` (see
         :func:`limit_for_rate`) are never admitted; callers that can send such requests should refuse them
-        up front. Raises :class:`RateLimitStorageError` when the storage cannot be reached: neither allow nor deny.
+        up front. Raises :class:`RateLimitStorageError` when the storage cannot be reached and there is no
+        fallback (no link, or a link whose ``failure`` is ``closed``): neither allow nor deny.
         """
         if amount < 1:
             raise ValueError(f"amount must be at least 1, got {amount!r}")
         item, key = _bucket_key(rate, bucket)
-        try:
-            allowed, window = await self._store.acquire(key, item.amount, item.get_expiry(), amount)
-        except RedisError as exc:  # the memory store raises none
-            raise RateLimitStorageError(exc) from exc
+        link, cause = self._link, None
+        if link is None or link.up:
+            try:
+                allowed, window = await self._store.acquire(key, item.amount, item.get_expiry(), amount)
+                return decide(allowed, window, item, amount)
+            except RedisError as exc:  # the memory store raises none
+                if link is not None:
+                    link.failed(exc)
+                cause = exc
+        if link is None or link.failure == "closed":
+            raise RateLimitStorageError(cause) from cause
+        if self._fallback is None:
+            self._fallback = MemoryWindows()
+        allowed, window = await self._fallback.acquire(key, item.amount, item.get_expiry(), amount)
         return decide(allowed, window, item, amount)
 
     async def close(self) -> None:
         """Release the Redis connections, or stop the memory storage's expiry task."""
         await self._store.close()
+        if self._fallback is not None:
+            await self._fallback.close()

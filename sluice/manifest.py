@@ -18,7 +18,7 @@ from sluice.errors import SluiceError
 
 MANIFEST_NAME = "sluice.json"
 # Raised whenever the manifest's shape changes: a gateway refuses a repository compiled for another version.
-MANIFEST_VERSION = 3
+MANIFEST_VERSION = 4
 
 
 class _Strict(BaseModel):
@@ -52,6 +52,7 @@ class GatewayOptions(_Strict):
     api_key_sha256: tuple[str, ...]
     key_rate_limit: float | None
     redis_url: str | None
+    redis_failure: Literal["open", "closed"]  # what the gateway does while redis_url cannot be reached
     cache_max_items: int
     max_request_bytes: int
     max_items: int

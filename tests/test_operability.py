@@ -370,6 +370,7 @@ def gateway_process(
     manifest = Manifest(
         version=MANIFEST_VERSION, triton_grpc="127.0.0.1:1",
         gateway=GatewayOptions(host="127.0.0.1", port=port, api_key_sha256=(), key_rate_limit=None, redis_url=None,
+                               redis_failure="open",
                                cache_max_items=100, max_request_bytes=65536, max_items=64),
         services={"embedding_service": route("embedding_service", "embedding")},
     )
