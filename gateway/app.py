@@ -30,6 +30,7 @@ from .middleware import AccessLog, BearerAuth, BodySizeLimit, CancelOnDisconnect
 from .openapi import OPEN_PATHS as DOCS_OPEN_PATHS
 from .openapi import docs, docs_asset, openapi_json
 from .ratelimit import RateLimiter
+from .redis_link import RedisLink
 from .rerank import rerank
 from .responses import Info
 from .settings import GatewaySettings
@@ -41,11 +42,15 @@ OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"}) | DOCS_OPEN_PATHS
 
 
 def create_app(settings: GatewaySettings) -> Starlette:
-    metrics = GatewayMetrics(settings.routes.values(), key_rate_limited=bool(settings.key_rate_limit))
+    metrics = GatewayMetrics(settings.routes.values(), key_rate_limited=bool(settings.key_rate_limit),
+                             redis=settings.redis_url is not None)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         triton = Triton(settings.triton_grpc)
+        link = redis_link(settings, metrics)
+        if link is not None:
+            await link.start()  # a Redis down at start-up is down from the first request (bounded: never hangs)
         gateway = Gateway(
             settings=settings,
             triton=triton,
@@ -56,9 +61,10 @@ def create_app(settings: GatewaySettings) -> Starlette:
                 on_call=lambda service, chunks: metrics.of(service).merged.observe(chunks),
                 on_refusal=lambda service, reason: metrics.refused.labels(service, reason).inc(),
                 on_depth=lambda service, depth: metrics.of(service).queue_depth.set(depth),
+                replicas=settings.triton_replicas,
             ),
-            limiter=RateLimiter.from_url(settings.redis_url),
-            cache=create_cache(settings.redis_url, settings.cache_max_items),
+            limiter=RateLimiter.from_url(settings.redis_url, link),
+            cache=create_cache(settings.redis_url, settings.cache_max_items, link=link),
             metrics=metrics,
         )
         app.state.gateway = gateway
@@ -70,6 +76,8 @@ def create_app(settings: GatewaySettings) -> Starlette:
             await gateway.triton.close()
             await gateway.limiter.close()
             await gateway.cache.close()
+            if link is not None:
+                await link.close()
 
     routes = [
         Route("/v1/embeddings", create_embeddings, methods=["POST"]),
@@ -100,6 +108,16 @@ def create_app(settings: GatewaySettings) -> Starlette:
         Exception: unexpected_error,
     }
     return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
+
+
+def redis_link(settings: GatewaySettings, metrics: GatewayMetrics) -> RedisLink | None:
+    """Redis's state for the limiter and the cache, moving ``sluice_gateway_redis_*``; None without Redis."""
+    if settings.redis_url is None:
+        return None
+    up, failures = metrics.redis_up, metrics.redis_failures
+    assert up is not None and failures is not None  # GatewayMetrics(redis=True) made them
+    return RedisLink(settings.redis_url, settings.redis_failure, on_state=lambda is_up: up.set(int(is_up)),
+                     on_failure=failures.inc)
 
 
 async def gateway_error(request: Request, error: Exception) -> Response:

@@ -61,7 +61,8 @@ class _Service:
 class Batcher:
     """``infer`` sends a request's chunks through its service's queue. ``on_call(service, chunks)`` is told how many
     chunks each call carried; ``on_refusal(service, reason)`` each refusal; ``on_depth(service, chunks)`` the queue's
-    depth when it changes (the metrics)."""
+    depth when it changes (the metrics). With ``replicas`` Tritons behind the channel, a service keeps a call in
+    flight per model instance on each."""
 
     def __init__(
         self,
@@ -71,12 +72,13 @@ class Batcher:
         on_call: Callable[[str, int], None] = lambda service, chunks: None,
         on_refusal: Callable[[str, str], None] = lambda service, reason: None,
         on_depth: Callable[[str, int], None] = lambda service, depth: None,
+        replicas: int = 1,
     ) -> None:
         self._triton = triton
         self._on_call, self._on_refusal, self._on_depth = on_call, on_refusal, on_depth
         self._services = {
             name: _Service(route, outputs(route.type), ServiceQueue(
-                batch_size=route.batch_size, max_queue_size=route.max_queue_size, slots=route.instances,
+                batch_size=route.batch_size, max_queue_size=route.max_queue_size, slots=route.instances * replicas,
                 batch_timeout=route.batch_timeout,
             ))
             for name, route in routes.items()

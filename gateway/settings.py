@@ -2,7 +2,8 @@
 
 The manifest is the deployable unit; a few things may come from the environment instead, so that secrets and
 addresses stay out of it: ``SLUICE_API_KEYS`` (comma-separated keys, added to the manifest's digests),
-``SLUICE_REDIS_URL`` (overrides ``gateway.redis_url``).
+``SLUICE_REDIS_URL`` (overrides ``gateway.redis_url``), ``SLUICE_TRITON_REPLICAS`` (the Triton replicas behind
+``triton_grpc``; default: the endpoints it lists, one for a single address or a ``dns:///`` name).
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from sluice.errors import SluiceError
 from sluice.manifest import MANIFEST_NAME, Manifest, Route, api_key_digest, parse_manifest
 
 from .errors import NotFound
+from .triton_target import grpc_target
 
 __all__ = ["GatewaySettings", "Route"]
 
@@ -34,6 +37,10 @@ class GatewaySettings:
     cache_max_items: int
     max_request_bytes: int
     max_items: int
+    # While redis_url cannot be reached: "open" (limits in memory, cache bypassed) or "closed" (503).
+    redis_failure: Literal["open", "closed"] = "open"
+    # Tritons behind triton_grpc: the gateway keeps replicas x instances calls in flight a service.
+    triton_replicas: int = 1
 
     @classmethod
     def from_repository(
@@ -44,15 +51,17 @@ class GatewaySettings:
         host: str | None = None,
         port: int | None = None,
         environ: Mapping[str, str] | None = None,
+        triton_replicas: int | None = None,
     ) -> GatewaySettings:
         """Settings from ``<repository>/sluice.json``, the environment, then the arguments given."""
         manifest = _read_manifest(repository / MANIFEST_NAME)
         env = os.environ if environ is None else environ
         options = manifest.gateway
         keys = [key.strip() for key in env.get("SLUICE_API_KEYS", "").split(",") if key.strip()]
+        triton_grpc = triton_grpc or manifest.triton_grpc
         return cls(
             routes=dict(manifest.services),
-            triton_grpc=triton_grpc or manifest.triton_grpc,
+            triton_grpc=triton_grpc,
             host=host or options.host,
             port=port or options.port,
             key_digests=frozenset(options.api_key_sha256) | {api_key_digest(key) for key in keys},
@@ -61,6 +70,8 @@ class GatewaySettings:
             cache_max_items=options.cache_max_items,
             max_request_bytes=options.max_request_bytes,
             max_items=options.max_items,
+            redis_failure=options.redis_failure,
+            triton_replicas=_replicas(triton_replicas, env.get("SLUICE_TRITON_REPLICAS"), triton_grpc),
         )
 
     def resolve(self, model: str, kinds: tuple[str, ...]) -> Route:
@@ -80,6 +91,19 @@ class GatewaySettings:
                 param="model",
             )
         raise NotFound(f"model {model!r} does not exist here; choose one of: {choices}", param="model")
+
+
+def _replicas(given: int | None, from_env: str | None, triton_grpc: str) -> int:
+    if given is None and from_env:
+        try:
+            given = int(from_env)
+        except ValueError:
+            raise SluiceError(f"SLUICE_TRITON_REPLICAS={from_env!r}: not a whole number") from None
+    if given is None:
+        return grpc_target(triton_grpc)[1]
+    if given < 1:
+        raise SluiceError(f"--triton-replicas / SLUICE_TRITON_REPLICAS must be at least 1, not {given}")
+    return given
 
 
 def _read_manifest(path: Path) -> Manifest:

@@ -7,12 +7,18 @@ objects cost the gateway about 0.2 ms of CPU per call, time the model then lacks
 Each call carries a timeout (the service's inference_timeout, or less when the request's total deadline is nearer);
 on expiry, or when the caller's task is cancelled, the gRPC call is cancelled and Triton drops the request.
 Triton's own refusals become gateway errors here, so routes see one error path.
+
+The channel may lead to several Triton replicas (triton_target.py): gRPC's round_robin spreads the calls and leaves a
+dead replica out until it is back. An encoder call that failed without Triton's answer (the connection refused or
+reset) is sent once more, to the next replica. A stream is never retried: an LLM's tokens may already be out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -26,6 +32,7 @@ from runtimes.signatures import QUEUE_FULL_MESSAGE, QUEUE_TIMEOUT_MESSAGE, START
 
 from .errors import BadRequest, DeadlineExceeded, GatewayError, Unavailable
 from .protocol import REQUEST_FIELD_OF_TENSOR
+from .triton_target import grpc_target
 
 Tensors = dict[str, npt.NDArray[Any]]
 
@@ -38,7 +45,11 @@ _QUEUE_FULL, _QUEUE_TIMEOUT = QUEUE_FULL_MESSAGE, QUEUE_TIMEOUT_MESSAGE
 # errors are told apart by their text: Triton's queue texts, the model unloading, and the runtimes' habit of naming
 # the input at fault first.
 # As tritonclient sets them: a batch of embeddings can exceed gRPC's default 4 MiB.
-_CHANNEL_OPTIONS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]
+_CHANNEL_OPTIONS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1),
+                    # Triton restarted by `sluice up` is reached again within a second of opening its port: gRPC's
+                    # default reconnect backoff grows to 120 s, answering 503 long after Triton is back.
+                    ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                    ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
 def text_column(texts: Sequence[str]) -> npt.NDArray[np.object_]:
@@ -78,10 +89,16 @@ def response_tensors(response: Any) -> Tensors:
     return tensors
 
 
+# Calls spread over every address the target resolves to; an endpoint whose connection fails is left out until gRPC
+# has reconnected to it (with the backoff above), so a Triton replica that dies costs only the calls it held.
+_ROUND_ROBIN = ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]}))
+
+
 class Triton:
     def __init__(self, url: str) -> None:
         self.url = url
-        self._channel = grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS)
+        target, _ = grpc_target(url)
+        self._channel = grpc.aio.insecure_channel(target, options=[*_CHANNEL_OPTIONS, _ROUND_ROBIN])
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._closing: set[asyncio.Task[None]] = set()  # streams whose last response came, until their call ends
 
@@ -120,10 +137,19 @@ class Triton:
         request = infer_request(service, inputs, outputs)
         if start_by_us is not None:
             request.parameters[START_BY_PARAMETER].int64_param = start_by_us
+        deadline = time.monotonic() + timeout
         try:
             response = await self._stub.ModelInfer(request, timeout=timeout)
         except grpc.aio.AioRpcError as error:
-            raise triton_error(service, error.code(), error.details() or "", timeout) from None
+            left = deadline - time.monotonic()
+            if not _unanswered(error) or left <= 0:
+                raise triton_error(service, error.code(), error.details() or "", timeout) from None
+            # The endpoint went away (refused or reset the connection): once more, on the next one round_robin
+            # picks, within what is left of the timeout. The encoders' requests compute and change nothing.
+            try:
+                response = await self._stub.ModelInfer(request, timeout=left)
+            except grpc.aio.AioRpcError as again:
+                raise triton_error(service, again.code(), again.details() or "", timeout) from None
         return response_tensors(response)
 
     async def stream(
@@ -176,6 +202,15 @@ async def _drain(call: Any) -> None:
     with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
         async for _ in call:
             pass
+
+
+def _unanswered(error: grpc.aio.AioRpcError) -> bool:
+    """Whether a call failed without Triton's answer: UNAVAILABLE from the transport (connection refused or reset),
+    not Triton's own UNAVAILABLE refusals (a full queue, a queue timeout, a model unloading), which name themselves."""
+    message = error.details() or ""
+    return error.code() is grpc.StatusCode.UNAVAILABLE and not any(
+        text in message for text in (_QUEUE_FULL, _QUEUE_TIMEOUT, UNLOADING_MESSAGE)
+    )
 
 
 def triton_error(service: str, code: grpc.StatusCode | None, message: str, timeout: float) -> GatewayError:
