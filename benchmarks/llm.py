@@ -67,7 +67,7 @@ import uvloop
 import yaml
 
 from benchmarks.embeddings import cpu_seconds
-from benchmarks.overload import scratch_config, sluice_up
+from benchmarks.overload import gateway_pid, scratch_config, sluice_up
 from compiler.defaults import TYPE_DEFAULTS
 from sluice.triton_server import free_ports
 
@@ -612,7 +612,7 @@ def main() -> None:
             print(f"[{scheduler}] sluice up with {SCHEDULING_ENV}={scheduler} (gateway {gateway})", flush=True)
             with sluice_up(root / "config.yaml", args.source.resolve(), None, gateway, export_cache,
                            extra_env={SCHEDULING_ENV: scheduler}) as pid:
-                target = Target(gateway, pid, metrics, args.service, service.total_timeout)
+                target = Target(gateway, gateway_pid(pid), metrics, args.service, service.total_timeout)
                 run = uvloop.run(measure(target, scheduler, concurrency, args.seconds, args.overload, capacity,
                                          pools))
             if capacity is None:

@@ -135,11 +135,33 @@ def redis_server() -> Iterator[str]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def child_pid(parent: int, mentioning: str) -> int:
+    """The live child of ``parent`` whose command line mentions ``mentioning``."""
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == parent and fields[0] != "Z" and mentioning in cmdline:
+            return int(entry.name)
+    raise RuntimeError(f"no child of {parent} runs {mentioning}")
+
+
+def gateway_pid(up_pid: int) -> int:
+    """The process serving the gateway under `sluice up`: its `sluice gateway` child, or `sluice up` itself in a
+    checkout from before the gateway ran as a supervised child (``--source``)."""
+    try:
+        return child_pid(up_pid, "sluice gateway")
+    except RuntimeError:
+        return up_pid
+
+
 @contextmanager
 def sluice_up(config: Path, source: Path, redis_url: str | None, gateway: str, export_cache: Path,
               extra_env: Mapping[str, str] | None = None) -> Iterator[int]:
-    """`sluice up CONFIG` from ``source``, until the gateway's /ready answers; yields the gateway's process id (the
-    `sluice up` process serves the gateway itself; Triton is its child). ``extra_env`` is added to its environment
+    """`sluice up CONFIG` from ``source``, until the gateway's /ready answers; yields the `sluice up` process id (its
+    children: tritonserver and `sluice gateway`, see ``gateway_pid``). ``extra_env`` is added to its environment
     (tritonserver and its Python stubs inherit it)."""
     env = {k: v for k, v in os.environ.items() if k != "SLUICE_REDIS_URL"} | dict(extra_env or {})
     if redis_url:
@@ -442,7 +464,7 @@ def main() -> None:
             with (redis_server() if label == "redis" else _no_redis()) as redis_url, \
                     sluice_up(config, args.source.resolve(), redis_url, gateway, export_cache) as pid:
                 report["runs"][label] = uvloop.run(measure(
-                    gateway, pid, triton_metrics, services, loads, args.seconds, args.capacity_seconds,
+                    gateway, gateway_pid(pid), triton_metrics, services, loads, args.seconds, args.capacity_seconds,
                     args.nominal_seconds, label,
                 ))
     print(json.dumps(report, indent=2))

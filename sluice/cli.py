@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -190,6 +191,7 @@ def serve_command(
     tritonserver and every process it started. --triton-url uses an already running Triton instead, once every
     service is ready there."""
     from sluice.serve import running_triton, stop_on_signals, wait_forever
+    from sluice.supervise import SupervisedTriton, supervise
 
     say = _start_logging(log_level, log_format)
     try:
@@ -199,7 +201,9 @@ def serve_command(
             for service in serving.compiled.plan.services:
                 out_console.print(f"{service.name:<20} {serving.http_url}/v2/models/{service.name}", highlight=False)
             out_console.print("ready; Ctrl-C stops everything", highlight=False)
-            wait_forever(serving.alive, "tritonserver")
+            if serving.server is None:
+                wait_forever(serving.alive, "tritonserver")
+            supervise([SupervisedTriton(serving.server)], say)
     except KeyboardInterrupt:
         say("stopped")
     except SluiceError as error:
@@ -209,7 +213,12 @@ def serve_command(
 @app.command("gateway")
 def gateway_command(
     repository: Annotated[Path, typer.Option(help="Compiled model repository (its sluice.json)")] = DEFAULT_REPOSITORY,
-    triton_grpc: Annotated[str | None, typer.Option(help="Triton's gRPC address, host:port")] = None,
+    triton_grpc: Annotated[str | None, typer.Option(
+        help="Triton's gRPC address, host:port; several replicas: ip:port,ip:port or dns:///name:port"
+    )] = None,
+    triton_replicas: Annotated[int | None, typer.Option(
+        min=1, help="Tritons behind --triton-grpc (env SLUICE_TRITON_REPLICAS; default: the addresses it lists)"
+    )] = None,
     host: Annotated[str | None, typer.Option(help="Listen address (default: sluice.json's)")] = None,
     port: Annotated[int | None, typer.Option(help="Listen port (default: sluice.json's)")] = None,
     log_level: LogLevelOption = "info",
@@ -223,8 +232,10 @@ def gateway_command(
 
     say = _start_logging(log_level, log_format, access_log)
     try:
-        settings = GatewaySettings.from_repository(repository, triton_grpc=triton_grpc, host=host, port=port)
-        say(f"gateway http://{settings.host}:{settings.port}  ->  triton grpc {settings.triton_grpc}")
+        settings = GatewaySettings.from_repository(repository, triton_grpc=triton_grpc, host=host, port=port,
+                                                   triton_replicas=triton_replicas)
+        say(f"gateway http://{settings.host}:{settings.port}  ->  triton grpc {settings.triton_grpc}"
+            f" ({settings.triton_replicas} replica{'s' if settings.triton_replicas > 1 else ''})")
         run_gateway(settings, say)
     except SluiceError as error:
         raise _fail_in(log_format, error) from None
@@ -241,16 +252,27 @@ def up_command(
     """Compile CONFIG, start tritonserver and the gateway; Ctrl-C stops.
 
     Prints the gateway's endpoints and a curl line for each service type; Ctrl-C or SIGTERM stop everything it
-    started."""
-    from sluice.serve import run_gateway, running_triton, stop_on_signals
+    started. Either process, should it exit on its own, is started again (with backoff) on the same ports."""
+    from sluice.manifest import client_host
+    from sluice.serve import running_triton, stop_on_signals
+    from sluice.supervise import SupervisedTriton, running_gateway, supervise
 
     say = _start_logging(log_level, log_format, access_log)
     try:
         with stop_on_signals(), running_triton(config, output, say=say, cache_root=cache_root()) as serving:
-            assert serving.grpc_url is not None
+            assert serving.grpc_url is not None and serving.server is not None
             settings = GatewaySettings.from_repository(output, triton_grpc=serving.grpc_url)
-            _print_endpoints(settings)
-            run_gateway(settings, say)
+            # The gateway runs as a child process, so that it can be restarted like Triton.
+            gateway = [
+                sys.executable, "-m", "sluice", "gateway", "--repository", str(output),
+                "--triton-grpc", serving.grpc_url, "--host", settings.host, "--port", str(settings.port),
+                "--log-level", log_level, "--log-format", log_format,
+                "--access-log" if access_log else "--no-access-log",
+            ]
+            health = f"http://{client_host(settings.host)}:{settings.port}/health"
+            with running_gateway(gateway, health) as gateway_process:
+                _print_endpoints(settings)
+                supervise([SupervisedTriton(serving.server), gateway_process], say)
     except KeyboardInterrupt:
         say("stopped")
     except SluiceError as error:

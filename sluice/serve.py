@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 from compiler.check import is_loopback
 from compiler.pipeline import Compiled, compile_repository
@@ -32,6 +32,7 @@ class Serving:
     http_url: str
     grpc_url: str | None  # None when the Triton is not ours (its gRPC address is not known)
     alive: Callable[[], bool]
+    server: TritonServer | None = None  # ours to supervise; None when the Triton is not ours
 
 
 def triton_settings(compiled: Compiled, repository: Path, workdir: Path) -> TritonSettings:
@@ -78,7 +79,7 @@ def running_triton(
     with TritonServer(triton_settings(compiled, repository, workdir), startup_timeout=ready_timeout) as server:
         say(f"triton  http {server.http_url}  grpc {server.grpc_url}  metrics {server.metrics_url}")
         say(f"        log  {server.log_path}")
-        yield Serving(compiled, server.http_url, server.grpc_url, server.is_running)
+        yield Serving(compiled, server.http_url, server.grpc_url, server.is_running, server)
 
 
 def check_remote_ready(url: str, services: list[str]) -> None:
@@ -116,7 +117,7 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(each, handler)
 
 
-def wait_forever(alive: Callable[[], bool], what: str) -> None:
+def wait_forever(alive: Callable[[], bool], what: str) -> NoReturn:
     """Block until interrupted; raise if the watched process dies on its own."""
     while alive():
         time.sleep(0.5)

@@ -233,6 +233,12 @@ class TritonServer:
         return self._process is not None and self._process.poll() is None
 
     @property
+    def returncode(self) -> int | None:
+        """The exit status of a server that has exited (negative: killed by that signal); None while it runs or
+        before :meth:`start`."""
+        return None if self._process is None else self._process.poll()
+
+    @property
     def log_path(self) -> Path:
         """tritonserver's log file."""
         return self.settings.log_path
@@ -281,6 +287,9 @@ class TritonServer:
         install = self._install or find_tritonserver()
         self._install = install
         backend_dir = prepare_backend_dir(install, self.settings.workdir)
+        # The previous run's log is kept beside (after a crash it holds the cause) and this run's starts empty.
+        if self.settings.log_path.exists():
+            os.replace(self.settings.log_path, self.settings.log_path.with_name(LOG_NAME + ".1"))
         self._log = self.settings.log_path.open("wb")
         try:
             self._process = self._spawn(install, backend_dir, self._log)
