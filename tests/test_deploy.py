@@ -5,6 +5,7 @@ Each test parses the files and asserts one piece of wiring that, if wrong, would
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import os
 import re
@@ -14,12 +15,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import grpc
+import kubernetes_validate
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from compiler.schema import Gateway, Server
 from gateway.settings import GatewaySettings
+from gateway.triton import Triton
 from sluice.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,6 +33,8 @@ GATEWAY_DOCKERFILE = ROOT / "deploy" / "gateway.Dockerfile"
 K8S = ROOT / "deploy" / "k8s"
 TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
 REDIS_PORT = 6379
+# The Kubernetes release whose API schemas the manifests are checked against (autoscaling/v2 is GA since 1.23).
+KUBERNETES_VERSION = "1.30"
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
@@ -93,7 +99,7 @@ def short_volume(spec: str) -> tuple[str, str, str]:
 
 def k8s_documents() -> list[dict[str, Any]]:
     docs = []
-    for path in sorted(K8S.glob("*.yaml")):
+    for path in sorted(K8S.rglob("*.yaml")):
         docs += [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
     return docs
 
@@ -297,6 +303,94 @@ def test_k8s_manifests_parse_with_unique_names_when_loaded() -> None:
     assert {"Deployment", "Service", "Secret", "PersistentVolumeClaim"} <= {kind for kind, _ in keys}
 
 
+def schema_errors(doc: dict[str, Any]) -> str | None:
+    """What the Kubernetes JSON Schema of ``doc``'s kind refuses in it (strict: unknown fields too); None when valid.
+
+    The schemas ship inside kubernetes-validate, so nothing is fetched. A kind with no schema there (a CRD such as
+    the Prometheus Operator's ServiceMonitor) is an error too: these manifests use core kinds only.
+    """
+    try:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as error:
+        return f"{'.'.join(map(str, error.path))}: {error.message}"
+    except kubernetes_validate.SchemaNotFoundError as error:
+        return str(error.message)
+    return None
+
+
+def test_k8s_manifests_validate_against_kubernetes_schemas_when_checked_offline() -> None:
+    failures = {f"{d['kind']}/{d['metadata']['name']}": schema_errors(d) for d in k8s_documents()}
+    assert {name: error for name, error in failures.items() if error} == {}
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "ConfigMap"} <= {d["kind"] for d in k8s_documents()}
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "break_it", "refused"),
+    [
+        # A misspelt field: YAML and a dict lookup would both take it; the API server would refuse it.
+        ("Deployment", "gateway", lambda d: d["spec"].update(replica=3), "'replica' was unexpected"),
+        ("Deployment", "triton", lambda d: container(d)["ports"][0].update(containerPort="eight thousand"),
+         "containerPort"),
+        ("Service", "triton-headless", lambda d: d["spec"].update(clusterIp="None"), "'clusterIp' was unexpected"),
+        ("HorizontalPodAutoscaler", "triton", lambda d: d["spec"]["metrics"][0]["pods"]["target"].pop("type"),
+         "'type' is a required property"),
+        ("HorizontalPodAutoscaler", "triton", lambda d: d["spec"].update(minReplicas="2"), "minReplicas"),
+        ("Deployment", "gateway", lambda d: d.update(kind="ServiceMonitor"), "ServiceMonitor"),
+    ],
+)
+def test_k8s_schema_validation_refuses_broken_manifest_when_a_field_is_wrong(
+    kind: str, name: str, break_it: Any, refused: str
+) -> None:
+    doc = one(kind, name)
+    assert schema_errors(doc) is None
+    break_it(doc)
+    error = schema_errors(doc)
+    assert error is not None and refused in error
+
+
+def test_k8s_triton_runs_several_replicas_one_gpu_each_when_deployed() -> None:
+    deployment = one("Deployment", "triton")
+    hpa = one("HorizontalPodAutoscaler", "triton")
+    assert deployment["spec"]["replicas"] == hpa["spec"]["minReplicas"] >= 2
+    # A rolling update that never needs a GPU beyond the replicas' own.
+    rolling = deployment["spec"]["strategy"]
+    assert rolling["type"] == "RollingUpdate" and rolling["rollingUpdate"]["maxSurge"] == 0
+    assert str(container(deployment)["resources"]["limits"]["nvidia.com/gpu"]) == "1"
+    # No ClusterIP Service in front of Triton: one would pin each gateway's connection to one pod.
+    triton_services = [s for s in k8s("Service") if [d["metadata"]["name"] for d in selected_deployments(s)] ==
+                       ["triton"]]
+    assert [s["spec"].get("clusterIP") for s in triton_services] == ["None"]
+
+
+def test_k8s_hpa_scales_triton_on_queue_time_per_pod_when_defined() -> None:
+    spec = one("HorizontalPodAutoscaler", "triton")["spec"]
+    target = spec["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", "triton")
+    assert spec["maxReplicas"] > spec["minReplicas"]
+    (metric,) = spec["metrics"]
+    assert metric["type"] == "Pods"
+    assert metric["pods"]["metric"]["name"] == "triton_queue_us_per_request"
+    assert metric["pods"]["target"]["type"] == "AverageValue"
+
+
+def test_k8s_adapter_rule_serves_hpa_metric_from_triton_counters_when_configured() -> None:
+    config = yaml.safe_load(one("ConfigMap", "prometheus-adapter")["data"]["config.yaml"])
+    (rule,) = config["rules"]
+    (metric,) = one("HorizontalPodAutoscaler", "triton")["spec"]["metrics"]
+    assert rule["name"]["as"] == metric["pods"]["metric"]["name"]
+    assert rule["name"]["matches"] in rule["seriesQuery"] == 'nv_inference_queue_duration_us{namespace!="",pod!=""}'
+    # Per pod (a `Pods` metric), and queue time divided by the requests it was spent on.
+    assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
+    query = " ".join(rule["metricsQuery"].split())
+    assert re.search(r"delta\(nv_inference_queue_duration_us\{<<\.LabelMatchers>>\}\[30s\]\)\s*/\s*"
+                     r"\(1 \+ delta\(nv_inference_request_success\{<<\.LabelMatchers>>\}\[30s\]\)\)", query)
+    assert query.endswith("by (<<.GroupBy>>)")
+    # Triton's metrics port is what Prometheus is told to scrape.
+    annotations = one("Deployment", "triton")["spec"]["template"]["metadata"]["annotations"]
+    metrics_port = [p for p in container(one("Deployment", "triton"))["ports"] if p["name"] == "metrics"]
+    assert annotations["prometheus.io/port"] == str(metrics_port[0]["containerPort"]) == str(Server().metrics_port)
+
+
 def test_k8s_deployment_selector_matches_pod_labels_when_defined() -> None:
     for deployment in k8s("Deployment"):
         selector = deployment["spec"]["selector"]["matchLabels"]
@@ -357,10 +451,43 @@ def test_k8s_gateway_probes_open_routes_when_deployed() -> None:
     assert cont["livenessProbe"]["httpGet"] == {"path": "/health", "port": 8080}
 
 
-def test_k8s_gateway_reaches_triton_grpc_service_when_started() -> None:
-    args = container(one("Deployment", "gateway"))["args"]
-    host, port = (flag(args, "--triton-grpc") or "").rsplit(":", 1)
-    assert service_target(one("Service", host), int(port)) == Server().grpc_port
+def triton_grpc_target() -> tuple[str, str, int]:
+    """(Service name, namespace, port) of the gateway's ``dns:///<service>.<namespace>.svc.cluster.local:<port>``."""
+    target = flag(container(one("Deployment", "gateway"))["args"], "--triton-grpc") or ""
+    match = re.fullmatch(r"dns:///([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local:(\d+)", target)
+    assert match, f"--triton-grpc {target!r} is not a dns:/// name of a Service"
+    return match[1], match[2], int(match[3])
+
+
+def test_k8s_gateway_reaches_triton_grpc_through_headless_service_when_started() -> None:
+    name, namespace, port = triton_grpc_target()
+    svc = one("Service", name)
+    # Headless: the name resolves to every ready Triton pod, which gRPC's dns resolver hands to the channel.
+    assert svc["spec"]["clusterIP"] == "None"
+    assert service_target(svc, port) == Server().grpc_port
+    assert [d["metadata"]["name"] for d in selected_deployments(svc)] == ["triton"]
+    # The namespace the README creates; the manifests themselves name none (they go where kubectl points).
+    assert namespace == "sluice"
+    assert f"kubectl create namespace {namespace}" in (ROOT / "deploy" / "README.md").read_text()
+    assert all("namespace" not in d["metadata"] for d in k8s_documents() if d["kind"] != "ConfigMap")
+
+
+def test_k8s_triton_grpc_target_is_a_channel_target_grpc_resolves_when_dialled() -> None:
+    """The gateway's channel (gateway/triton.py) takes the dns:/// form: dialled at a local server under the
+    same scheme, it connects."""
+
+    async def dial() -> None:
+        server = grpc.aio.server()
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        triton = Triton(f"dns:///localhost:{port}")
+        try:
+            await asyncio.wait_for(triton._channel.channel_ready(), timeout=10)
+        finally:
+            await triton.close()
+            await server.stop(None)
+
+    asyncio.run(dial())
 
 
 def test_k8s_gateway_redis_url_names_redis_service_when_configured() -> None:
@@ -388,8 +515,12 @@ def test_k8s_gateway_reads_repository_claim_when_mounted() -> None:
 
 
 def test_k8s_gateway_args_match_compose_when_both_deploy_gateway() -> None:
+    """The same flags and values but Triton's address: one container in compose, a headless Service here."""
     compose_args = [str(a) for a in service("gateway")["command"]]
-    assert container(one("Deployment", "gateway"))["args"] == compose_args
+    k8s_args = container(one("Deployment", "gateway"))["args"]
+    assert [a for a in k8s_args if a.startswith("--")] == [a for a in compose_args if a.startswith("--")]
+    for name in [a for a in compose_args if a.startswith("--") and a != "--triton-grpc"]:
+        assert flag(k8s_args, name) == flag(compose_args, name), name
 
 
 # --- .dockerignore and the gateway CLI ---------------------------------------------------------------------------
