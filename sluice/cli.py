@@ -248,6 +248,11 @@ def up_command(
     log_level: LogLevelOption = "info",
     log_format: LogFormatOption = "text",
     access_log: AccessLogOption = True,
+    triton_replicas: Annotated[int, typer.Option(
+        "--triton-replicas", min=1,
+        help="tritonservers to start on the repository (the first on the config's ports, the others on free ones); "
+             "the gateway spreads calls over them",
+    )] = 1,
 ) -> None:
     """Compile CONFIG, start tritonserver and the gateway; Ctrl-C stops.
 
@@ -259,20 +264,22 @@ def up_command(
 
     say = _start_logging(log_level, log_format, access_log)
     try:
-        with stop_on_signals(), running_triton(config, output, say=say, cache_root=cache_root()) as serving:
-            assert serving.grpc_url is not None and serving.server is not None
-            settings = GatewaySettings.from_repository(output, triton_grpc=serving.grpc_url)
+        with stop_on_signals(), running_triton(
+            config, output, say=say, cache_root=cache_root(), replicas=triton_replicas
+        ) as serving:
+            assert serving.grpc_target is not None and serving.server is not None
+            settings = GatewaySettings.from_repository(output, triton_grpc=serving.grpc_target)
             # The gateway runs as a child process, so that it can be restarted like Triton.
             gateway = [
                 sys.executable, "-m", "sluice", "gateway", "--repository", str(output),
-                "--triton-grpc", serving.grpc_url, "--host", settings.host, "--port", str(settings.port),
+                "--triton-grpc", serving.grpc_target, "--host", settings.host, "--port", str(settings.port),
                 "--log-level", log_level, "--log-format", log_format,
                 "--access-log" if access_log else "--no-access-log",
             ]
             health = f"http://{client_host(settings.host)}:{settings.port}/health"
             with running_gateway(gateway, health) as gateway_process:
                 _print_endpoints(settings)
-                supervise([SupervisedTriton(serving.server), gateway_process], say)
+                supervise([*(SupervisedTriton(server) for server in serving.servers), gateway_process], say)
     except KeyboardInterrupt:
         say("stopped")
     except SluiceError as error:

@@ -9,8 +9,8 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -19,7 +19,7 @@ from compiler.check import is_loopback
 from compiler.pipeline import Compiled, compile_repository
 from gateway.settings import GatewaySettings
 from sluice.errors import SluiceError
-from sluice.triton_server import TritonServer, TritonSettings
+from sluice.triton_server import TritonServer, TritonSettings, free_ports
 
 Say = Callable[[str], None]
 
@@ -33,6 +33,19 @@ class Serving:
     grpc_url: str | None  # None when the Triton is not ours (its gRPC address is not known)
     alive: Callable[[], bool]
     server: TritonServer | None = None  # ours to supervise; None when the Triton is not ours
+    # Further tritonservers of ours on the same repository (`sluice up --triton-replicas`), each on its own ports.
+    replicas: tuple[TritonServer, ...] = ()
+
+    @property
+    def servers(self) -> tuple[TritonServer, ...]:
+        return ((self.server,) if self.server is not None else ()) + self.replicas
+
+    @property
+    def grpc_target(self) -> str | None:
+        """The gateway's Triton target: every server's gRPC address, comma-separated (gateway/triton_target.py)."""
+        if not self.servers:
+            return self.grpc_url
+        return ",".join(server.grpc_url for server in self.servers)
 
 
 def triton_settings(compiled: Compiled, repository: Path, workdir: Path) -> TritonSettings:
@@ -59,11 +72,13 @@ def running_triton(
     triton_url: str | None = None,
     cache_root: Path | None = None,
     ready_timeout: float = 300,
+    replicas: int = 1,
 ) -> Iterator[Serving]:
     """Compile ``config`` into ``repository`` and yield while Triton serves it.
 
     With ``triton_url`` no server is started: that Triton (e.g. the container of docker-compose.yml, mounting
-    the same repository) must already be up with every service ready.
+    the same repository) must already be up with every service ready. ``replicas`` > 1 starts that many
+    tritonservers on the repository: the first on the config's ports, the others on free loopback ports.
     """
     compiled = compile_repository(config, repository, cache_root=cache_root, progress=say)
     for warning in compiled.warnings:
@@ -76,10 +91,22 @@ def running_triton(
     workdir = Path(config).resolve().parent / ".sluice" / "triton"
     workdir.mkdir(parents=True, exist_ok=True)
     say("starting tritonserver (the models load in a few seconds) ...")
-    with TritonServer(triton_settings(compiled, repository, workdir), startup_timeout=ready_timeout) as server:
-        say(f"triton  http {server.http_url}  grpc {server.grpc_url}  metrics {server.metrics_url}")
-        say(f"        log  {server.log_path}")
-        yield Serving(compiled, server.http_url, server.grpc_url, server.is_running, server)
+    settings = triton_settings(compiled, repository, workdir)
+    with ExitStack() as stack:
+        servers = [stack.enter_context(TritonServer(settings, startup_timeout=ready_timeout))]
+        for index in range(2, replicas + 1):
+            http_port, grpc_port, metrics_port = free_ports(3)
+            ports = {"http_port": http_port, "grpc_port": grpc_port, "metrics_port": metrics_port}
+            extra = replace(
+                settings, server=settings.server.model_copy(update=ports), workdir=workdir.with_name(f"triton-{index}")
+            )
+            extra.workdir.mkdir(parents=True, exist_ok=True)
+            servers.append(stack.enter_context(TritonServer(extra, startup_timeout=ready_timeout)))
+        for server in servers:
+            say(f"triton  http {server.http_url}  grpc {server.grpc_url}  metrics {server.metrics_url}")
+            say(f"        log  {server.log_path}")
+        first = servers[0]
+        yield Serving(compiled, first.http_url, first.grpc_url, first.is_running, first, tuple(servers[1:]))
 
 
 def check_remote_ready(url: str, services: list[str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -68,8 +69,9 @@ def answers(up: Up, status: int) -> bool:
     return response.status_code == status
 
 
-@pytest.fixture
-def up(tmp_path: Path, demo_models: dict[str, Path], export_cache: Path) -> Iterator[Up]:
+@contextlib.contextmanager
+def sluice_up(tmp_path: Path, demo_models: dict[str, Path], export_cache: Path, *args: str) -> Iterator[Up]:
+    """`sluice up` (with ``args``) on the MiniLM embedding service alone, until it serves; SIGINT at the end."""
     http_port, grpc_port, metrics_port, gateway_port = free_ports(4)
     config = write_yaml(tmp_path, {
         "models": {"minilm": {"type": "embedding", "model_name": str(demo_models["all-MiniLM-L6-v2"])}},
@@ -84,7 +86,7 @@ def up(tmp_path: Path, demo_models: dict[str, Path], export_cache: Path) -> Iter
     log = tmp_path / "up.log"
     with log.open("wb") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "sluice", "up", str(config), "-o", str(tmp_path / "repo"), "--no-access-log"],
+            [sys.executable, "-m", "sluice", "up", str(config), "-o", str(tmp_path / "repo"), "--no-access-log", *args],
             cwd=tmp_path, env={**os.environ, "SLUICE_CACHE_DIR": str(export_cache), "COLUMNS": "200"},
             stdout=output, stderr=subprocess.STDOUT,
         )
@@ -106,6 +108,12 @@ def up(tmp_path: Path, demo_models: dict[str, Path], export_cache: Path) -> Iter
                 process.kill()
                 process.wait()
         print(log.read_text())  # shown when a test fails
+
+
+@pytest.fixture
+def up(tmp_path: Path, demo_models: dict[str, Path], export_cache: Path) -> Iterator[Up]:
+    with sluice_up(tmp_path, demo_models, export_cache) as started:
+        yield started
 
 
 def test_killed_triton_gets_503_with_retry_after_then_is_restarted_and_serves_again(up: Up) -> None:
@@ -185,3 +193,30 @@ def test_serve_restarts_a_killed_triton_on_the_same_port(tmp_path: Path, demo_mo
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0, log.read_text()
     wait_until(lambda: descendants_alive(str(tmp_path)) == [], "every process of sluice serve has ended", 10)
+
+
+def tritonservers(up: Up) -> list[int]:
+    return [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit() and _child_runs(e, up.process.pid)]
+
+
+def _child_runs(entry: Path, parent: int) -> bool:
+    try:
+        fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[1]) == parent and fields[0] != "Z" and "tritonserver" in (entry / "cmdline").read_text()
+    except (OSError, IndexError, UnicodeDecodeError):
+        return False
+
+
+def test_up_with_two_triton_replicas_serves_through_a_kill_of_one(
+    tmp_path: Path, demo_models: dict[str, Path], export_cache: Path
+) -> None:
+    with sluice_up(tmp_path, demo_models, export_cache, "--triton-replicas", "2") as up:
+        first, second = tritonservers(up)
+        os.kill(second, signal.SIGKILL)
+        # One client, so at most one request was on the killed replica: retried once on the other, never an error.
+        statuses = [up.embed().status_code for _ in range(30)]
+        assert statuses == [200] * 30, statuses
+        wait_until(lambda: len(tritonservers(up)) == 2 and "tritonserver restarted" in up.log.read_text(),
+                   "the killed replica is restarted", BACK_WITHIN_S)
+        assert first in tritonservers(up)
+        assert "tritonserver was killed by SIGKILL" in up.log.read_text()
