@@ -31,43 +31,13 @@ from typing import Any
 
 import httpx
 import orjson
-import redis
 
 from benchmarks.http_client import LeanClient
 from sluice.triton_server import free_ports
-from tests.redis_server import redis_server_command
+from tests.redis_server import RestartableRedis
 
 BODY = orjson.dumps({"model": "emb", "input": "hello"})
 GATEWAY_START_TIMEOUT_S = 30
-
-
-class RedisProcess:
-    """redis-server on a fixed port, to kill and start again on that port."""
-
-    def __init__(self, port: int, workdir: str) -> None:
-        self.port, self.workdir = port, workdir
-        self.url = f"redis://127.0.0.1:{port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(redis_server_command(self.port, self.workdir),
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server on port {self.port} did not start") from None
-                time.sleep(0.02)
-        client.close()
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
 
 
 def serve_gateway(redis_url: str, mode: str, rate: float, port: int) -> None:
@@ -145,7 +115,7 @@ def phase_summary(answers: list[tuple[float, int]], start: float, end: float) ->
     return {"seconds": round(seconds, 2), "answers": counts, "admitted_per_s": round(counts.get("200", 0) / seconds, 1)}
 
 
-async def run_redis_fault(args: argparse.Namespace, redis_server: RedisProcess, ports: list[int],
+async def run_redis_fault(args: argparse.Namespace, redis_server: RestartableRedis, ports: list[int],
                           logs: list[str]) -> Report:
     report = Report(args.mode, args.replicas, args.rate, args.clients)
     report.gateways = [GatewayTrace(port, log) for port, log in zip(ports, logs, strict=True)]
@@ -181,7 +151,7 @@ async def run_redis_fault(args: argparse.Namespace, redis_server: RedisProcess, 
 def run_redis_command(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="sluice-faults-") as workdir:
         redis_port, *ports = free_ports(1 + args.replicas)
-        redis_server = RedisProcess(redis_port, workdir)
+        redis_server = RestartableRedis(redis_port, workdir)
         redis_server.start()
         logs = [str(Path(workdir) / f"gateway-{port}.log") for port in ports]
         gateways = []

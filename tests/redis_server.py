@@ -76,3 +76,33 @@ def _wait_until_ready(process: subprocess.Popen[bytes], port: int, timeout_s: fl
         raise RuntimeError(f"redis-server on port {port} not ready after {timeout_s} s")
     finally:
         client.close()
+
+
+class RestartableRedis:
+    """A real redis-server on a fixed port, to kill (SIGKILL) and start again on that port (fault tests and
+    python -m benchmarks.faults redis)."""
+
+    def __init__(self, port: int, workdir: str) -> None:
+        self.port, self.workdir = port, workdir
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(redis_server_command(self.port, self.workdir),
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=0.2)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self._process.poll() is not None:
+                    raise RuntimeError(f"redis-server on port {self.port} did not start") from None
+                time.sleep(0.02)
+        client.close()
+
+    def kill(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait(timeout=5)

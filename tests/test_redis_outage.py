@@ -10,7 +10,6 @@ import asyncio
 import dataclasses
 import logging
 import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,7 +26,7 @@ from gateway.redis_link import PROBE_INTERVAL_S
 from gateway.settings import GatewaySettings
 from runtimes.signatures import output_names
 from tests.gateway_fakes import FakeTriton, route
-from tests.redis_server import REDIS_SERVER, free_port, redis_server_command
+from tests.redis_server import REDIS_SERVER, RestartableRedis, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -37,45 +36,16 @@ SERVICE = route("emb", "embedding", rate_limit=RATE, enable_cache=True)
 BODY = {"model": "emb", "input": "hello"}
 
 
-class RestartableRedis:
-    """A real redis-server on a fixed port, to kill (SIGKILL) and start again on that port."""
-
-    def __init__(self, workdir: Path) -> None:
-        if REDIS_SERVER is None:
-            pytest.fail("redis-server is not installed: apt-get install -y redis-server (.ci/run does)")
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._workdir = workdir
-        self._process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self._process = subprocess.Popen(redis_server_command(self.port, str(self._workdir)),
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self._process.poll() is not None:
-                    raise RuntimeError(f"redis-server on port {self.port} did not start") from None
-                time.sleep(0.02)
-        client.close()
-
-    def kill(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            self._process.kill()
-            self._process.wait(timeout=5)
-
-    def keys(self) -> list[bytes]:
-        with redis.Redis(port=self.port) as client:
-            return list(client.keys("sluice:*"))
+def sluice_keys(server: RestartableRedis) -> list[bytes]:
+    with redis.Redis(port=server.port) as client:
+        return list(client.keys("sluice:*"))
 
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Any:
-    server = RestartableRedis(tmp_path)
+    if REDIS_SERVER is None:
+        pytest.fail("redis-server is not installed: apt-get install -y redis-server (.ci/run does)")
+    server = RestartableRedis(free_port(), str(tmp_path))
     server.start()
     yield server
     server.kill()
@@ -144,7 +114,7 @@ def test_open_mode_limits_each_replica_in_memory_while_redis_is_down_then_shares
             # Up: one budget for both replicas, in Redis.
             shared = statuses(await burst(first, BURST // 2) + await burst(second, BURST // 2))
             assert 5 <= shared.get(200, 0) <= 6 and set(shared) == {200, 429}, shared
-            assert redis_server.keys()
+            assert sluice_keys(redis_server)
             assert sample(metrics, "sluice_gateway_redis_up") == 1
 
             redis_server.kill()
@@ -166,7 +136,7 @@ def test_open_mode_limits_each_replica_in_memory_while_redis_is_down_then_shares
             await asyncio.sleep(1.1)
             again = statuses(await burst(first, BURST // 2) + await burst(second, BURST // 2))
             assert 5 <= again.get(200, 0) <= 6 and set(again) == {200, 429}, again  # one budget again
-            assert redis_server.keys()
+            assert sluice_keys(redis_server)
             assert sum("answers again after" in line for line in link_lines(caplog)) == 2
 
     with caplog.at_level(logging.INFO, logger="sluice.gateway"):

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from benchmarks.overload import child_pid
 from sluice.supervise import Backoff
 from sluice.triton_server import free_ports
 from tests.helpers import write_yaml
@@ -34,15 +35,7 @@ class Up:
 
     def child(self, mentioning: str) -> int:
         """The pid of `sluice up`'s live child whose command line mentions ``mentioning``."""
-        for entry in Path("/proc").iterdir():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except (OSError, IndexError):
-                continue
-            if int(fields[1]) == self.process.pid and fields[0] != "Z" and mentioning in cmdline:
-                return int(entry.name)
-        raise AssertionError(f"no child of sluice up runs {mentioning}")
+        return child_pid(self.process.pid, mentioning)
 
     def embed(self) -> httpx.Response:
         return httpx.post(f"{self.gateway}/v1/embeddings", json={"model": "embed", "input": next(_texts)}, timeout=10)
