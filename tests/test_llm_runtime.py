@@ -9,6 +9,7 @@ import itertools
 import json
 import sys
 import threading
+import time
 import types
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -470,7 +471,12 @@ def test_model_refuses_unavailable_when_its_queue_is_full(adapter: types.ModuleT
                       "model_version": model_dir.parent.name, "model_name": "llm_service"})
     try:
         requests = [prompt_request(PROMPTS[0]) for _ in range(4)]  # one runs, one waits, the others are refused
-        model.execute(requests)
+        model.execute(requests[:1])
+        # Only once the first runs are the others sent: before that it, too, would still be waiting.
+        deadline = time.monotonic() + 10
+        while model._engine.running == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        model.execute(requests[1:])
         wait_closed(*requests)
     finally:
         model.finalize()
