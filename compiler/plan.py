@@ -235,7 +235,11 @@ def enforcement(plan: ServicePlan) -> list[Enforcement]:
                 "a chunk not sent by then gets 503 (an arrival that cannot be, at once); each Triton request "
                 "carries it as sluice_start_by_us and the runtime refuses it uncomputed once passed",
             ),
-            "inference_timeout": ("gateway", f"{deadline}; the ONNX run itself is not interrupted"),
+            "inference_timeout": (
+                "gateway+runtime",
+                "the runtime stops a batch that has computed this long (onnxruntime's terminate; 504, counted in "
+                f"sluice_runs_stopped_total), and a batch whose clients all left; {deadline} as the backstop",
+            ),
             "total_timeout": (
                 "gateway",
                 "per batch_size items: n items have ceil(n / batch_size) x total_timeout, arrival to last byte (504)",

@@ -8,7 +8,9 @@ one gateway that start is immediate, but behind several gateways sharing a Trito
 computing a request whose client was already refused.
 
 A caller that leaves (its client gone, its deadline passed) takes its waiting chunks out of the queue; a call is
-cancelled at Triton once none of its callers is left. Triton's answer or refusal goes to every caller of the call.
+cancelled at Triton once none of its callers is left (and the runtime stops computing it). Triton's answer or
+refusal goes to every caller of the call. A call that ran out of time or was cancelled tells the cost model only
+that it cost at least that long (ServiceQueue.finished).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy.typing as npt
 
 from sluice.manifest import Route
 
-from .errors import GatewayError, Unavailable
+from .errors import DeadlineExceeded, GatewayError, Unavailable
 from .scheduler import WAITING, Chunk, Refusal, ServiceQueue
 from .triton import Tensors, Triton
 
@@ -153,7 +155,7 @@ class Batcher:
 
     async def _send(self, service: _Service, key: int, chunks: list[Chunk]) -> None:
         route = service.route
-        measured = False
+        measured = stopped = False
         try:
             pending = [chunk.payload for chunk in chunks]
             if len(pending) == 1:
@@ -171,8 +173,10 @@ class Batcher:
             )
             measured = True
         except asyncio.CancelledError:
+            stopped = True
             raise  # every caller has left
         except Exception as error:  # noqa: BLE001 - every caller gets the failure (Triton's refusal, mostly)
+            stopped = isinstance(error, DeadlineExceeded)  # the runtime's inference_timeout or the call's timeout
             for chunk in chunks:
                 self._fail(chunk, error)
         else:
@@ -184,7 +188,7 @@ class Batcher:
                     chunk.payload.answer.set_result({name: tensor[start:end] for name, tensor in tensors.items()})
                 start = end
         finally:
-            service.queue.finished(key, time.monotonic(), measured)
+            service.queue.finished(key, time.monotonic(), measured, stopped=stopped)
             self._pump(service)
 
     def _leave(self, service: _Service, chunk: Chunk) -> None:

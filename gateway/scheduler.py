@@ -12,7 +12,9 @@ The decisions, each made at one point:
 
 - **admit**: refuse a request on arrival when its chunks would overflow ``max_queue_size`` (chunks waiting), or when
   the queue ahead of it cannot drain before its start-by (its queue budget) or its total deadline. The drain time
-  comes from ``BatchCost``, fitted to the calls this service really made. Nothing is queued just to expire.
+  comes from ``BatchCost``, fitted to the calls this service really made (a call stopped before its answer, at its
+  inference_timeout or because its callers left, is only a lower bound on its cost: see ``finished``). Nothing is
+  queued just to expire.
 - **next_call**: when a slot is free, take waiting chunks in order of start-by (earliest deadline first; for
   single-chunk requests that is arrival order) up to ``batch_size`` rows. A batch that is not full is held until
   the oldest of its chunks has waited ``batch_timeout``, as Triton's dynamic batcher would hold it.
@@ -183,11 +185,21 @@ class ServiceQueue:
         self._running[self._calls] = _Running(now, rows)
         return self._calls, batch
 
-    def finished(self, key: int, now: float, measured: bool) -> None:
-        """The call ``key`` ended; ``measured``: it ran to its answer, so its duration says what a call costs."""
+    def finished(self, key: int, now: float, measured: bool, *, stopped: bool = False) -> None:
+        """The call ``key`` ended. ``measured``: it ran to its answer, so its duration is what the call cost.
+        ``stopped``: it ended before its answer because it ran out of time (its inference_timeout, the call's timeout)
+        or its callers left, so its duration is only a lower bound on its cost: it is fed to the fit only when the fit
+        predicts less (then the truth is at least that much), never as the cost itself (a batch stopped at 0.3 s
+        would teach that full batches take 0.3 s, and one cancelled at once that they are free).
+        Neither: it was refused without being computed (a start-by passed, bad input), and says nothing."""
         running = self._running.pop(key)
+        seconds = now - running.started
         if measured:
-            self.cost.observe(running.rows, now - running.started)
+            self.cost.observe(running.rows, seconds)
+        elif stopped:
+            predicted = self.cost.seconds(running.rows)
+            if predicted is None or predicted < seconds:
+                self.cost.observe(running.rows, seconds)
 
     def wake_at(self, now: float) -> float | None:
         """When the driver must look again without an arrival or an answer: the next start-by, or the end of a hold."""

@@ -5,8 +5,10 @@ Requests are built directly as Triton's protobuf messages and sent with Triton's
 objects cost the gateway about 0.2 ms of CPU per call, time the model then lacks (docs/benchmarks.md).
 
 Each call carries a timeout (the service's inference_timeout, or less when the request's total deadline is nearer);
-on expiry, or when the caller's task is cancelled, the gRPC call is cancelled and Triton drops the request.
-Triton's own refusals become gateway errors here, so routes see one error path.
+on expiry, or when the caller's task is cancelled, the gRPC call is cancelled and Triton drops the request (an
+encoder runtime then stops computing it: every client of its batch is gone). Triton's own refusals become gateway
+errors here, so routes see one error path; an encoder batch stopped at its inference_timeout is a 504, as is the
+call's own timeout.
 
 The channel may lead to several Triton replicas (triton_target.py): gRPC's round_robin spreads the calls and leaves a
 dead replica out until it is back. An encoder call that failed without Triton's answer (the connection refused or
@@ -28,7 +30,13 @@ import numpy.typing as npt
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import deserialize_bytes_tensor, np_to_triton_dtype, triton_to_np_dtype
 
-from runtimes.signatures import QUEUE_FULL_MESSAGE, QUEUE_TIMEOUT_MESSAGE, START_BY_PARAMETER, UNLOADING_MESSAGE
+from runtimes.signatures import (
+    INFERENCE_TIMEOUT_MESSAGE,
+    QUEUE_FULL_MESSAGE,
+    QUEUE_TIMEOUT_MESSAGE,
+    START_BY_PARAMETER,
+    UNLOADING_MESSAGE,
+)
 
 from .errors import BadRequest, DeadlineExceeded, GatewayError, Unavailable
 from .protocol import REQUEST_FIELD_OF_TENSOR
@@ -206,10 +214,11 @@ async def _drain(call: Any) -> None:
 
 def _unanswered(error: grpc.aio.AioRpcError) -> bool:
     """Whether a call failed without Triton's answer: UNAVAILABLE from the transport (connection refused or reset),
-    not Triton's own UNAVAILABLE refusals (a full queue, a queue timeout, a model unloading), which name themselves."""
+    not Triton's own UNAVAILABLE refusals (a full queue, a queue timeout, a model unloading, an encoder batch stopped
+    at its inference_timeout), which name themselves."""
     message = error.details() or ""
     return error.code() is grpc.StatusCode.UNAVAILABLE and not any(
-        text in message for text in (_QUEUE_FULL, _QUEUE_TIMEOUT, UNLOADING_MESSAGE)
+        text in message for text in (_QUEUE_FULL, _QUEUE_TIMEOUT, UNLOADING_MESSAGE, INFERENCE_TIMEOUT_MESSAGE)
     )
 
 
@@ -217,6 +226,8 @@ def triton_error(service: str, code: grpc.StatusCode | None, message: str, timeo
     """Triton's refusal (a gRPC status, or a stream's error message) as the gateway error a client should see."""
     if code is grpc.StatusCode.DEADLINE_EXCEEDED or "Deadline Exceeded" in message:
         return DeadlineExceeded(f"{service} did not answer within {timeout:.3g} s; the request was cancelled")
+    if INFERENCE_TIMEOUT_MESSAGE in message:  # an encoder runtime stopped the batch (runtimes/_triton.py, Stopper)
+        return DeadlineExceeded(f"{service}: {message}")
     if _QUEUE_TIMEOUT in message:
         return Unavailable(f"{service} is overloaded: the request waited past its queue_timeout (Triton: {message})",
                            headers={"Retry-After": "1"})

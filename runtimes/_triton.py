@@ -1,5 +1,6 @@
 """What every Sluice model.py needs from Triton's Python backend: its settings, its inputs, error responses, and
-for the encoders the start-by check and the warm-up.
+for the encoders the start-by check, the warm-up, and the stopping of a batch past its inference_timeout or left by
+all its clients (``Stopper``).
 
 Imports ``triton_python_backend_utils``, which exists only inside Triton's Python stub.
 """
@@ -18,10 +19,16 @@ import numpy.typing as npt
 import triton_python_backend_utils as pb_utils
 
 from runtimes.parameters import RuntimeParameters
-from runtimes.signatures import QUEUE_TIMEOUT_MESSAGE, START_BY_PARAMETER, TOKENS, TRUNCATED
+from runtimes.signatures import (
+    INFERENCE_TIMEOUT_MESSAGE,
+    QUEUE_TIMEOUT_MESSAGE,
+    START_BY_PARAMETER,
+    TOKENS,
+    TRUNCATED,
+)
 
 if TYPE_CHECKING:  # onnxruntime stays out of the LLM model's process
-    from runtimes.encoders import Encoded, OnnxEncoder
+    from runtimes.encoders import Encoded, OnnxEncoder, Run, RunStopped
 
 Row = TypeVar("Row")
 
@@ -158,6 +165,50 @@ class Expiry:
         return True
 
 
+class Stopper:
+    """An encoder instance's watchdog (runtimes/encoders.py): each batch's onnxruntime calls are stopped once the
+    batch has computed for the service's inference_timeout, or once every one of its requests was cancelled by its
+    client (``request.is_cancelled()``, asked every 10 ms). Its requests are then answered UNAVAILABLE
+    INFERENCE_TIMEOUT_MESSAGE (the gateway's 504) or CANCELLED, and the batch is counted once on Triton's /metrics as
+    ``sluice_runs_stopped_total{model, reason}`` (reason: inference_timeout | cancelled)."""
+
+    def __init__(self, model_name: str, inference_timeout_s: float) -> None:
+        from runtimes.encoders import STOP_REASONS, Watchdog
+
+        family = pb_utils.MetricFamily(
+            name="sluice_runs_stopped_total",
+            description="Batches whose computing was stopped before their end, by reason: inference_timeout (they "
+            "computed for the service's inference_timeout) or cancelled (every client of the batch went away)",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self._family = family  # it must outlive its metrics (see Expiry)
+        self._stopped = {
+            reason: family.Metric(labels={"model": model_name, "reason": reason}) for reason in STOP_REASONS
+        }
+        self.inference_timeout_s = inference_timeout_s
+        self.watchdog = Watchdog(inference_timeout_s, name=f"{model_name}-watchdog")
+
+    def close(self) -> None:
+        self.watchdog.close()
+
+    def count(self, stopped: RunStopped) -> None:
+        self._stopped[stopped.reason].increment(1)
+
+    def refusal(self, stopped: RunStopped) -> Any:
+        """The error response each request of a stopped batch gets (one object per request)."""
+        from runtimes.encoders import INFERENCE_TIMEOUT
+
+        if stopped.reason == INFERENCE_TIMEOUT:
+            message = f"{INFERENCE_TIMEOUT_MESSAGE} ({self.inference_timeout_s:g} s)"
+            return _error(message, pb_utils.TritonError.UNAVAILABLE)
+        return _error("every client of the batch went away: the model stopped computing",
+                      pb_utils.TritonError.CANCELLED)
+
+
+def _is_cancelled(request: Any) -> bool:
+    return bool(request.is_cancelled())
+
+
 def warm_up(args: Mapping[str, str], run: Callable[[int], Encoded]) -> None:
     """Runs the encoder at load on the largest input it can be given, ``run(max_batch_size)`` (rows of max_length
     tokens), WARMUP_RUNS times, so that the first real request of any size runs warm; logs how long it took."""
@@ -178,20 +229,33 @@ def warm_up(args: Mapping[str, str], run: Callable[[int], Encoded]) -> None:
 def encoder_responses(
     requests: list[Any],
     parse: Callable[[Any], list[Row]],
-    run: Callable[[list[Row]], Encoded],
+    encode: Callable[[list[Row], Run], Encoded],
     value_name: str,
+    stopper: Stopper,
 ) -> list[Any]:
-    """Run every row of every request through one ``run`` call and answer each request with its own rows.
+    """Run every row of every request through one ``encode`` call, watched by ``stopper``, and answer each request
+    with its own rows.
 
-    A request whose inputs do not parse gets an error response naming the input; the others are served.
+    A request whose inputs do not parse gets an error response naming the input; the others are served, or all get
+    the stopper's error when it stopped the batch.
     """
+    from runtimes.encoders import RunStopped, all_cancelled
+
     parsed: list[list[Row] | ValueError] = []
     for request in requests:
         try:
             parsed.append(parse(request))
         except ValueError as error:
             parsed.append(error)
-    encoded = run([row for rows in parsed if isinstance(rows, list) for row in rows])
+    served = [request for request, rows in zip(requests, parsed, strict=True) if isinstance(rows, list)]
+    try:
+        with stopper.watchdog.watch(all_cancelled(served, _is_cancelled)) as run:
+            encoded = encode([row for rows in parsed if isinstance(rows, list) for row in rows], run)
+    except RunStopped as stopped:
+        stopper.count(stopped)
+        return [
+            error_response(str(rows)) if isinstance(rows, ValueError) else stopper.refusal(stopped) for rows in parsed
+        ]
     responses, start = [], 0
     for rows in parsed:
         if isinstance(rows, ValueError):

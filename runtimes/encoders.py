@@ -3,11 +3,19 @@
 Used by the embedding and reranker models (``embedding_model.py``, ``reranker_model.py``). The ONNX graphs come
 from ``compiler/export.py``: inputs ``input_ids``, ``attention_mask`` (and ``token_type_ids`` where the model
 takes it); output ``embedding`` [batch, dim] (pooled and normalised in the graph) or ``score`` [batch].
+
+A batch may be watched (``Watchdog``): each onnxruntime call then gets its own ``RunOptions``, which the instance's
+watchdog thread terminates when the batch has computed for the service's inference_timeout or when every request of
+it was cancelled by its client; the batch then raises ``RunStopped`` between length buckets or within one
+(onnxruntime checks the flag between graph nodes).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +28,14 @@ from tokenizers import Encoding, Tokenizer
 # sorting by length and bucketing keeps padding (wasted compute) small when short and long texts share a batch.
 PADDING_RATIO = 2.0
 
+# Why a watched batch stopped: the labels of sluice_runs_stopped_total (runtimes/_triton.py).
+INFERENCE_TIMEOUT, CANCELLED = "inference_timeout", "cancelled"
+STOP_REASONS = (INFERENCE_TIMEOUT, CANCELLED)
+# How often the watchdog asks whether a running batch's clients are still there, the first time one period after
+# the batch began (most batches are over by then and are never asked about). Each ask is a round trip to Triton's
+# process for one request (the first not yet seen cancelled: see all_cancelled), so not much more often.
+CANCEL_POLL_S = 0.01
+
 
 @dataclass(frozen=True)
 class Encoded:
@@ -28,6 +44,138 @@ class Encoded:
     values: npt.NDArray[np.float32]  # [rows, dim] embeddings or [rows] scores
     tokens: npt.NDArray[np.int32]  # [rows]: tokens the model saw
     truncated: npt.NDArray[np.bool_]  # [rows]: the input was longer than max_length
+
+
+class RunStopped(Exception):
+    """A watched batch was stopped before its end: ``reason`` is INFERENCE_TIMEOUT or CANCELLED."""
+
+    def __init__(self, reason: str, seconds: float) -> None:
+        super().__init__(f"stopped ({reason}) after {seconds:.3f} s")
+        self.reason, self.seconds = reason, seconds
+
+
+class Run:
+    """One batch's onnxruntime calls, as one watchdog watches them. ``options()`` gives each call a fresh
+    ``RunOptions`` (a terminated one stays terminated, so it is never reused); ``stop`` terminates the current one
+    and refuses the next."""
+
+    def __init__(self, started: float, deadline: float, cancelled: Callable[[], bool]) -> None:
+        self.started, self.deadline = started, deadline
+        self.cancelled = cancelled
+        self.next_ask = started  # the watchdog's: when it next asks ``cancelled()``
+        self.reason: str | None = None
+        self._options: ort.RunOptions | None = None
+        self._lock = threading.Lock()
+
+    def options(self) -> ort.RunOptions:
+        """The RunOptions of the next onnxruntime call; RunStopped once the batch is stopped."""
+        with self._lock:
+            self._raise_if_stopped()
+            self._options = ort.RunOptions()
+            return self._options
+
+    def stop(self, reason: str) -> None:
+        with self._lock:
+            if self.reason is None:
+                self.reason = reason
+                if self._options is not None:
+                    self._options.terminate = True
+
+    def stopped(self) -> RunStopped | None:
+        """The RunStopped to raise when the batch was stopped (an onnxruntime call that failed was terminated)."""
+        reason = self.reason
+        return None if reason is None else RunStopped(reason, time.monotonic() - self.started)
+
+    def _raise_if_stopped(self) -> None:
+        if (stopped := self.stopped()) is not None:
+            raise stopped
+
+
+def all_cancelled(requests: Sequence[object], is_cancelled: Callable[[object], bool]) -> Callable[[], bool]:
+    """Whether every request has been cancelled by its client, asked cheaply: a cancellation stays, so each ask
+    checks the first request not yet seen cancelled, and goes further only while it finds more."""
+    live = 0
+
+    def ask() -> bool:
+        nonlocal live
+        while live < len(requests) and is_cancelled(requests[live]):
+            live += 1
+        return live == len(requests) > 0
+
+    return ask
+
+
+def _never() -> bool:
+    return False
+
+
+class Watchdog:
+    """One thread per model instance that stops the batch it watches (``watch``) at ``timeout_s`` (0: never) after
+    the batch began computing, or as soon as its ``cancelled()`` says every client left (asked every
+    ``poll_s``). A thread for the instance's lifetime rather than a timer per batch: batches come hundreds a second.
+    """
+
+    def __init__(self, timeout_s: float, poll_s: float = CANCEL_POLL_S, name: str = "encoder-watchdog") -> None:
+        self.timeout_s, self.poll_s = timeout_s, poll_s
+        self._run: Run | None = None
+        self._closed = False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._watch, name=name, daemon=True)
+        self._thread.start()
+
+    @contextmanager
+    def watch(self, cancelled: Callable[[], bool] = _never) -> Iterator[Run]:
+        """Watches the block's onnxruntime calls (one batch at a time: an instance computes one)."""
+        now = time.monotonic()
+        run = Run(now, now + self.timeout_s if self.timeout_s > 0 else float("inf"), cancelled)
+        run.next_ask = now + self.poll_s
+        with self._changed:
+            self._run = run
+            self._changed.notify()
+        try:
+            yield run
+        finally:
+            with self._changed:
+                self._run = None
+                self._changed.notify()
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        with self._changed:
+            while not self._closed:
+                run = self._run
+                if run is None or run.reason is not None:
+                    self._changed.wait()  # until a batch starts (or the stopped one ends)
+                    continue
+                now = time.monotonic()
+                if now >= run.deadline:
+                    run.stop(INFERENCE_TIMEOUT)
+                    continue
+                if now >= run.next_ask:
+                    self._changed.release()  # asking Triton takes a round trip: the batch may end meanwhile
+                    try:
+                        gone = _asked(run.cancelled)
+                    finally:
+                        self._changed.acquire()
+                    run.next_ask = time.monotonic() + self.poll_s
+                    if gone and self._run is run:
+                        run.stop(CANCELLED)
+                        continue
+                # Woken early when the batch ends; the deadline is kept to the moment, not to a poll period.
+                self._changed.wait(max(0.0, min(run.next_ask, run.deadline) - time.monotonic()))
+
+
+def _asked(cancelled: Callable[[], bool]) -> bool:
+    """``cancelled()``, where a failure to ask counts as "not cancelled": the batch then runs to its end."""
+    try:
+        return cancelled()
+    except Exception:  # noqa: BLE001 - the backend's IPC failing must not kill the watchdog thread
+        return False
 
 
 def open_session(model_path: Path, threads: int, device_id: int | None = None) -> ort.InferenceSession:
@@ -59,20 +207,31 @@ class OnnxEncoder:
         self.output_name = session.get_outputs()[0].name
         self.pad_id = self.tokenizer.token_to_id("[PAD]") or 0
 
-    def encode_texts(self, texts: Sequence[str]) -> Encoded:
-        return self._run(self.tokenizer.encode_batch(list(texts)))
+    def encode_texts(self, texts: Sequence[str], run: Run | None = None) -> Encoded:
+        """``run``: the watched batch these texts belong to (RunStopped when it is stopped); None: not watched."""
+        return self._run(self.tokenizer.encode_batch(list(texts)), run)
 
-    def encode_pairs(self, pairs: Sequence[tuple[str, str]]) -> Encoded:
-        return self._run(self.tokenizer.encode_batch(list(pairs)))
+    def encode_pairs(self, pairs: Sequence[tuple[str, str]], run: Run | None = None) -> Encoded:
+        return self._run(self.tokenizer.encode_batch(list(pairs)), run)
 
-    def _run(self, encodings: list[Encoding]) -> Encoded:
+    def _run(self, encodings: list[Encoding], run: Run | None) -> Encoded:
         lengths = np.array([len(encoding.ids) for encoding in encodings], dtype=np.int32)
         truncated = np.array([bool(encoding.overflowing) for encoding in encodings], dtype=bool)
         order = np.argsort(lengths, kind="stable")
         outputs: list[npt.NDArray[np.float32]] = []
         for bucket in _buckets(lengths[order]):
             rows = [encodings[i] for i in order[bucket]]
-            outputs.append(self.session.run([self.output_name], self._feed(rows))[0])
+            feed = self._feed(rows)
+            if run is None:
+                outputs.append(self.session.run([self.output_name], feed)[0])
+                continue
+            options = run.options()
+            try:
+                outputs.append(self.session.run([self.output_name], feed, options)[0])
+            except Exception as error:
+                if (stopped := run.stopped()) is None:
+                    raise
+                raise stopped from error  # onnxruntime's "Exiting due to terminate flag being set to true"
         if not outputs:
             return Encoded(np.zeros((0,), np.float32), lengths, truncated)
         stacked = np.concatenate(outputs)
@@ -111,7 +270,7 @@ def long_texts(count: int, max_length: int, prefix: str = "") -> list[str]:
     return [f"{prefix}{i} " + "warm " * max_length for i in range(count)]
 
 
-def cosine_scores(encoder: OnnxEncoder, pairs: Sequence[tuple[str, str]]) -> Encoded:
+def cosine_scores(encoder: OnnxEncoder, pairs: Sequence[tuple[str, str]], run: Run | None = None) -> Encoded:
     """Rerank with a sentence-embedding model: cosine similarity of query and document embeddings.
 
     Embeddings are normalised in the graph, so the cosine is a dot product. Each distinct text is embedded once.
@@ -120,7 +279,7 @@ def cosine_scores(encoder: OnnxEncoder, pairs: Sequence[tuple[str, str]]) -> Enc
         return Encoded(np.zeros((0,), np.float32), np.zeros((0,), np.int32), np.zeros((0,), np.bool_))
     texts = sorted({text for pair in pairs for text in pair})
     index = {text: i for i, text in enumerate(texts)}
-    embedded = encoder.encode_texts(texts)
+    embedded = encoder.encode_texts(texts, run)
     queries = np.array([index[query] for query, _ in pairs], dtype=np.int64)
     documents = np.array([index[document] for _, document in pairs], dtype=np.int64)
     scores = np.einsum("ij,ij->i", embedded.values[queries], embedded.values[documents])

@@ -84,3 +84,6 @@ QUEUE_FULL_MESSAGE = "Exceeds maximum queue size"
 QUEUE_TIMEOUT_MESSAGE = "Request timeout expired"
 # The LLM engine's answer to every request still open when its model unloads (UNAVAILABLE: a client may retry).
 UNLOADING_MESSAGE = "the model is unloading"
+# The encoder runtimes' answer (UNAVAILABLE) to every request of a batch they stopped computing at the service's
+# inference_timeout; followed by the timeout, e.g. "... inference_timeout (0.3 s)". The gateway answers it 504.
+INFERENCE_TIMEOUT_MESSAGE = "the model stopped computing at its inference_timeout"

@@ -49,7 +49,7 @@ def test_explain_shows_each_knob_and_where_it_is_enforced_when_config_is_valid()
         "only when the engine is idle",
         "instance_group.count of KIND_CPU",
         "10/s",
-        "the ONNX run itself is not interrupted",
+        "the runtime stops a batch that has computed this long",
         "the engine ends it with finish_reason timeout",
         "the gateway's per-item cache",
         "can never bind",

@@ -28,13 +28,17 @@ def test_encoder_responses_answer_invalid_arg_only_to_the_bad_request_when_one_i
 ) -> None:
     good, bad = {"text": np.array([[b"hello"]], np.object_)}, {"text": np.array([[b"\xff\xfe"]], np.object_)}
 
-    def run(texts: list[str]) -> Encoded:
+    def run(texts: list[str], watched: object) -> Encoded:
         assert texts == ["hello"]
         return Encoded(np.ones((1, 2), np.float32), np.array([1], np.int32), np.array([False]))
 
-    served, refused = triton_helpers.encoder_responses(
-        [good, bad], lambda request: triton_helpers.request_strings(request, "text"), run, "embedding"
-    )
+    stopper = triton_helpers.Stopper("embedding_service", 0)
+    try:
+        served, refused = triton_helpers.encoder_responses(
+            [good, bad], lambda request: triton_helpers.request_strings(request, "text"), run, "embedding", stopper
+        )
+    finally:
+        stopper.close()
     assert served.error is None
     assert [name for name, _ in served.output_tensors] == ["embedding", "tokens", "truncated"]
     assert refused.error.code == FakeTritonError.INVALID_ARG

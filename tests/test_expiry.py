@@ -157,7 +157,9 @@ def triton(tmp_path_factory: pytest.TempPathFactory, demo_models: dict[str, Path
     """One embedding and one reranker service for the start-by tests, and a fresh pair that only the warm-up test
     sends to (so that its first request is the first after start whatever tests run)."""
     root = tmp_path_factory.mktemp("expiry")
-    runtime = {"worker_count": 1, "batch_size": BATCH_SIZE}
+    # A full batch of long rows takes longer than the types' default inference_timeout on 2 busy cores, which would
+    # stop it (tests/test_encoder_timeout.py): these tests time the start-by check and the warm-up, not that.
+    runtime = {"worker_count": 1, "batch_size": BATCH_SIZE, "inference_timeout": 10, "total_timeout": 12}
     config = {
         "models": {
             "minilm": {"type": "embedding", "model_name": str(demo_models["all-MiniLM-L6-v2"])},

@@ -30,11 +30,11 @@ def test_readme_knob_table_is_enforcement_output_when_either_changes() -> None:
     assert text[start:end] == knob_table_markdown(), "README knob table is stale (SLUICE_UPDATE_GOLDEN=1 rewrites)"
 
 
-def test_explain_says_the_onnx_run_is_not_interrupted_when_an_encoder_passes_inference_timeout() -> None:
+def test_explain_says_the_runtime_stops_the_onnx_run_when_an_encoder_passes_inference_timeout() -> None:
     for service in ("embedding_service", "reranker_service"):
         where, what = rows_of(service)["inference_timeout"]
-        assert where == "gateway"
-        assert "not interrupted" in what and "runtime stops" not in what
+        assert where == "gateway+runtime"
+        assert "the runtime stops a batch" in what and "sluice_runs_stopped_total" in what
 
 
 def test_explain_says_the_engine_stops_generating_when_the_llm_passes_inference_timeout() -> None:
