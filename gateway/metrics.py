@@ -87,6 +87,26 @@ class ServiceMetrics:
     queue_depth: Any  # encoders
 
 
+# gateway/scheduler.py's reasons for refusing an encoder request before any work.
+ENCODER_REFUSALS = ("queue_full", "too_late", "queue_timeout")
+
+
+def route_knobs(route: Route) -> dict[str, float]:
+    """The knobs of ``route`` that ``sluice_gateway_knob`` exports. The manifest keeps ``instances`` (the calls
+    the gateway keeps in flight: worker_count, times the GPUs on a GPU service) rather than worker_count."""
+    return {
+        "batch_size": route.batch_size,
+        "batch_timeout": route.batch_timeout,
+        "max_queue_size": route.max_queue_size,
+        "instances": route.instances,
+        "queue_timeout": route.queue_timeout,
+        "inference_timeout": route.inference_timeout,
+        "total_timeout": route.total_timeout,
+        "rate_limit": route.rate_limit,
+        "enable_cache": float(route.enable_cache),
+    }
+
+
 class GatewayMetrics:
     """The gateway's metrics for ``routes``; ``key_rate_limited``: whether API keys have a rate limit of their own;
     ``redis``: whether the gateway uses Redis (its up gauge and failure counter exist only then)."""
@@ -100,7 +120,8 @@ class GatewayMetrics:
                                 ["service", "endpoint", "status"], registry=r)
         self.latency = Histogram("sluice_gateway_request_seconds", "Arrival to last byte",
                                  ["service", "endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.triton_latency = Histogram("sluice_gateway_triton_seconds", "Time in each Triton call",
+        self.triton_latency = Histogram("sluice_gateway_triton_seconds", "From handing a request's chunks to the "
+                                        "batcher to their answers: waiting in the gateway's queue, then Triton",
                                         ["service"], buckets=_LATENCY_BUCKETS, registry=r)
         self.merged = Histogram("sluice_gateway_triton_call_requests",
                                 "Gateway requests sent as each Triton call (concurrent requests merged)",
@@ -134,10 +155,19 @@ class GatewayMetrics:
             self.redis_up.set(1)
             self.redis_failures = Counter("sluice_gateway_redis_failures", "Redis calls that failed: requests' "
                                           "calls and, while Redis is down, reconnection pings", registry=r)
+        self.knobs = Gauge("sluice_gateway_knob", "Each service's compiled runtime knobs (config.yaml's names; "
+                           "seconds, requests/s, enable_cache 0/1; instances: worker_count x GPUs), for dashboards "
+                           "to draw limits beside what they bound", ["service", "knob"], registry=r)
+        for route in self.routes.values():
+            for knob, value in route_knobs(route).items():
+                self.knobs.labels(route.service, knob).set(value)
         self._services: dict[str, ServiceMetrics] = {}
         self._per_request: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-        for service in self.routes:  # every series a service can move exists from the start, at 0
+        for service, route in self.routes.items():  # every series a service can move exists from the start, at 0
             self.of(service)
+            if route.type != "llm":  # so that rate() counts a service's very first refusals too
+                for reason in ENCODER_REFUSALS:
+                    self.refused.labels(service, reason)
 
     def of(self, service: str) -> ServiceMetrics:
         bound = self._services.get(service)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ import yaml
 from typer.testing import CliRunner
 
 from compiler.schema import Gateway, Server
+from gateway.app import OPEN_PATHS
 from gateway.settings import GatewaySettings
 from gateway.triton import Triton
 from sluice.cli import app
@@ -292,6 +294,40 @@ def test_compose_config_validates_when_compose_cli_installed() -> None:
     assert result.returncode == 0, result.stderr
 
 
+def mounted(name: str, target: str) -> Path:
+    """The host path compose mounts read-only at ``target`` in service ``name``."""
+    volumes = map(short_volume, service(name)["volumes"])
+    (source,) = [src for src, dst, mode in volumes if dst == target and mode == "ro"]
+    return ROOT / source
+
+
+def test_compose_prometheus_scrapes_triton_and_gateway_metrics_ports_when_started() -> None:
+    prometheus = service("prometheus")
+    config_path = flag(prometheus["command"], "--config.file") or ""
+    config = yaml.safe_load(mounted("prometheus", config_path).read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    targets = {job: [t for static in jobs[job]["static_configs"] for t in static["targets"]] for job in jobs}
+    assert targets["triton"] == [f"triton:{Server().metrics_port}"]
+    assert targets["gateway"] == [f"gateway:{flag(service('gateway')['command'], '--port')}"]
+    assert jobs["gateway"].get("metrics_path", "/metrics") == "/metrics"
+    assert "/metrics" in OPEN_PATHS  # scraped without an API key
+    assert {"triton", "gateway"} <= set(prometheus["depends_on"])
+
+
+def test_compose_grafana_provisions_prometheus_and_the_sluice_dashboard_when_started() -> None:
+    provisioning = mounted("grafana", "/etc/grafana/provisioning")
+    (datasource,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert datasource["type"] == "prometheus" and datasource["isDefault"] is True
+    url = urlsplit(datasource["url"])
+    assert url.hostname == "prometheus" and f"127.0.0.1:{url.port}:{url.port}" in service("prometheus")["ports"]
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "sluice.yml").read_text())["providers"]
+    dashboards = mounted("grafana", provider["options"]["path"])
+    assert (dashboards / "sluice.json").is_file()
+    environment = service("grafana")["environment"]
+    assert environment["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    assert re.fullmatch(r"\$\{GRAFANA_ADMIN_PASSWORD(:?[?-][^}]*)?\}", environment["GF_SECURITY_ADMIN_PASSWORD"])
+
+
 # --- deploy/k8s -------------------------------------------------------------------------------------------------
 
 
@@ -371,6 +407,21 @@ def test_k8s_hpa_scales_triton_on_queue_time_per_pod_when_defined() -> None:
     assert metric["type"] == "Pods"
     assert metric["pods"]["metric"]["name"] == "triton_queue_us_per_request"
     assert metric["pods"]["target"]["type"] == "AverageValue"
+
+
+def test_k8s_gateway_pods_are_annotated_for_scraping_their_metrics_port_when_deployed() -> None:
+    deployment = one("Deployment", "gateway")
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(container(deployment)["ports"][0]["containerPort"])
+    assert annotations["prometheus.io/path"] == "/metrics" and "/metrics" in OPEN_PATHS
+
+
+def test_k8s_grafana_dashboard_configmap_is_labelled_for_grafanas_sidecar_when_applied() -> None:
+    configmap = one("ConfigMap", "sluice-grafana-dashboard")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    # The JSON itself is compared with deploy/monitoring/dashboards/sluice.json in tests/test_dashboard.py.
+    assert json.loads(configmap["data"]["sluice.json"])["uid"] == "sluice-services"
 
 
 def test_k8s_adapter_rule_serves_hpa_metric_from_triton_counters_when_configured() -> None:
