@@ -9,6 +9,7 @@ Content-Length and Retry-After. No redirects, no chunked bodies, no TLS: it talk
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 
@@ -20,15 +21,17 @@ class Answer:
 
 
 class LeanClient:
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, headers: Mapping[str, str] | None = None) -> None:
         self._host, self._port = host, port
+        self._extra_headers = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self._all: list[asyncio.StreamWriter] = []
 
     def request(self, path: str, body: bytes) -> bytes:
-        """The bytes of a POST of ``body`` (JSON) to ``path``: build once, send many times."""
+        """The bytes of a POST of ``body`` (JSON) to ``path``, with the client's extra ``headers`` (an API key):
+        build once, send many times."""
         head = (f"POST {path} HTTP/1.1\r\nHost: {self._host}:{self._port}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n")
+                f"Content-Length: {len(body)}\r\n{self._extra_headers}\r\n")
         return head.encode() + body
 
     async def send(self, request: bytes) -> Answer:

@@ -118,6 +118,7 @@ class Engine:
         self._wake = threading.Condition()
         self._stopping = False
         self.peak_running = 0
+        self.peak_waiting = 0  # high-water marks, for `sluice verify` and the dashboard: a sampled gauge misses peaks
         self._thread = threading.Thread(target=self._run, name="llm-engine", daemon=True)
 
     @property
@@ -150,6 +151,7 @@ class Engine:
                 refusal = _refusal(prepared, QUEUE_FULL_MESSAGE)
             else:
                 self._waiting.append(_Waiting(prepared, now, deadline))
+                self.peak_waiting = max(self.peak_waiting, len(self._waiting))
                 self._timings[request_id] = _Timing(now)
                 self._wake.notify()
                 return

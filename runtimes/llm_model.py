@@ -162,6 +162,9 @@ class _Metrics:
         self.peak = family(
             "sluice_llm_running_peak", "The largest running batch since the model loaded", gauge
         ).Metric(labels=labels)
+        self.peak_waiting = family(
+            "sluice_llm_waiting_peak", "The most requests waiting to start since the model loaded", gauge
+        ).Metric(labels=labels)
 
         def seconds(name: str, description: str, buckets: list[float]) -> Any:
             return family(name, description, histogram).Metric(labels=labels, buckets=buckets)
@@ -182,6 +185,7 @@ class _Metrics:
         self.running.set(engine.running)
         self.waiting.set(engine.waiting)
         self.peak.set(engine.peak_running)
+        self.peak_waiting.set(engine.peak_waiting)
 
     def finish(self, event: GenerationEvent, seconds_per_token: float | None) -> None:
         self.finished[event.finish_reason or "error"].increment(1)

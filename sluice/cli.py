@@ -286,6 +286,48 @@ def up_command(
         raise _fail_in(log_format, error) from None
 
 
+@app.command("verify")
+def verify_command(
+    config: ConfigArg = DEFAULT_CONFIG,
+    gateway: Annotated[str | None, typer.Option(help="The gateway's URL (default: the config's)")] = None,
+    triton: Annotated[str | None, typer.Option(help="Triton's HTTP URL (default: the config's)")] = None,
+    triton_metrics: Annotated[str | None, typer.Option(help="Triton's metrics URL (default: the config's)")] = None,
+    up: Annotated[bool, typer.Option("--up", help="Bring the stack up here (`sluice up`), stop it after")] = False,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Model repository for --up")] = DEFAULT_REPOSITORY,
+    service: Annotated[list[str] | None, typer.Option(
+        "--service", help="A service to probe; repeat for more (default: every service)")] = None,
+    knob: Annotated[list[str] | None, typer.Option(
+        "--knob", help="A knob to probe; repeat for more (default: all nine)")] = None,
+    json_file: Annotated[Path | None, typer.Option("--json", help="Also write the findings to this JSON file")] = None,
+) -> None:
+    """Probe every knob of every service on a running stack: configured value, measured value, verdict.
+
+    Each probe drives the service the way that makes its knob act (a burst past max_queue_size, twice the
+    rate_limit, a request that overruns inference_timeout, ...) and reads the answers, the gateway's and Triton's
+    metrics. Exits 1 if any knob fails; n/a marks a knob this model cannot make act (the line says why)."""
+    import asyncio
+    from contextlib import nullcontext
+
+    from sluice.stack import brought_up, configured_stack
+    from sluice.verify.report import Verdict, print_tables, summary, write_json
+    from sluice.verify.run import selected, verify
+
+    try:
+        stack = configured_stack(config, gateway=gateway, triton=triton, triton_metrics=triton_metrics)
+        services, knobs = selected(stack, service, knob)
+        with brought_up(config, output) if up else nullcontext():
+            with err_console.status("probing") as status:
+                checks = asyncio.run(verify(stack, services, knobs, lambda line: status.update(f"probing {line}")))
+    except SluiceError as error:
+        raise _fail(error) from None
+    print_tables(checks, out_console)
+    out_console.print(summary(checks), highlight=False)
+    if json_file:
+        write_json(checks, json_file)
+    if any(check.verdict is Verdict.FAIL for check in checks):
+        raise typer.Exit(code=1)
+
+
 def _print_endpoints(settings: GatewaySettings) -> None:
     base = f"http://{settings.host}:{settings.port}"
     by_type = {route.type: route.service for route in settings.routes.values()}
