@@ -63,6 +63,7 @@ class Run:
         self.started, self.deadline = started, deadline
         self.cancelled = cancelled
         self.next_ask = started  # the watchdog's: when it next asks ``cancelled()``
+        self.asking = False  # the watchdog's: an ask is in flight (guarded by the watchdog's condition)
         self.reason: str | None = None
         self._options: ort.RunOptions | None = None
         self._lock = threading.Lock()
@@ -137,7 +138,12 @@ class Watchdog:
         finally:
             with self._changed:
                 self._run = None
-                self._changed.notify()
+                self._changed.notify_all()
+                # The batch's requests must outlive any ask about them: once execute returns its responses, Triton
+                # frees their response factories, and an ask still in flight then dereferences a freed one
+                # (tritonserver died of SIGSEGV in TRITONBACKEND_ResponseFactoryIsCancelled under load).
+                while run.asking:
+                    self._changed.wait()
 
     def close(self) -> None:
         with self._changed:
@@ -157,11 +163,16 @@ class Watchdog:
                     run.stop(INFERENCE_TIMEOUT)
                     continue
                 if now >= run.next_ask:
-                    self._changed.release()  # asking Triton takes a round trip: the batch may end meanwhile
+                    # Asking Triton takes a round trip, without the lock so that the batch is not held up; the batch
+                    # may end meanwhile, but ``watch`` then waits for the ask before its requests are answered.
+                    run.asking = True
+                    self._changed.release()
                     try:
                         gone = _asked(run.cancelled)
                     finally:
                         self._changed.acquire()
+                        run.asking = False
+                        self._changed.notify_all()
                     run.next_ask = time.monotonic() + self.poll_s
                     if gone and self._run is run:
                         run.stop(CANCELLED)

@@ -150,6 +150,28 @@ def test_watchdog_stops_between_length_buckets_without_another_onnxruntime_call(
     assert len(calls) == 1
 
 
+def test_a_batch_that_ends_while_the_watchdog_asks_about_its_requests_waits_for_the_answer(
+    watchdogs: list[Watchdog],
+) -> None:
+    """Triton frees a request's response factory once execute returns; an ask still in flight then crashed
+    tritonserver (SIGSEGV in TRITONBACKEND_ResponseFactoryIsCancelled). So the watched block is not left before it."""
+    asked, answered = threading.Event(), []
+
+    def slow_cancelled() -> bool:  # the backend's IPC round trip, slowed down
+        asked.set()
+        time.sleep(0.2)
+        answered.append(time.monotonic())
+        return False
+
+    dog = watchdog(watchdogs, 0)
+    with dog.watch(slow_cancelled):
+        assert asked.wait(5), "the watchdog never asked"
+    left = time.monotonic()
+    assert answered and answered[0] <= left
+    with dog.watch(slow_cancelled):  # and the next batch is watched as before
+        pass
+
+
 def test_all_cancelled_is_true_only_once_every_request_is_cancelled_and_asks_each_at_most_once_cancelled() -> None:
     cancelled = {"a": False, "b": False}
     asked: list[str] = []
