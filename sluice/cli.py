@@ -299,6 +299,7 @@ def verify_command(
     knob: Annotated[list[str] | None, typer.Option(
         "--knob", help="A knob to probe; repeat for more (default: all nine)")] = None,
     json_file: Annotated[Path | None, typer.Option("--json", help="Also write the findings to this JSON file")] = None,
+    markdown: Annotated[Path | None, typer.Option(help="Also write the tables to this Markdown file")] = None,
 ) -> None:
     """Probe every knob of every service on a running stack: configured value, measured value, verdict.
 
@@ -309,7 +310,7 @@ def verify_command(
     from contextlib import nullcontext
 
     from sluice.stack import brought_up, configured_stack
-    from sluice.verify.report import Verdict, print_tables, summary, write_json
+    from sluice.verify.report import Verdict, print_tables, summary, write_json, write_markdown
     from sluice.verify.run import selected, verify
 
     try:
@@ -324,6 +325,8 @@ def verify_command(
     out_console.print(summary(checks), highlight=False)
     if json_file:
         write_json(checks, json_file)
+    if markdown:
+        write_markdown(checks, markdown)
     if any(check.verdict is Verdict.FAIL for check in checks):
         raise typer.Exit(code=1)
 

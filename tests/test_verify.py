@@ -70,13 +70,17 @@ def stack(
 def verify(tmp_path: Path, config: dict[str, Any], addresses: list[str]) -> tuple[int, str, dict[str, Any]]:
     """`sluice verify` in its own process (the gateway under test runs in this one), narrowed to KNOBS."""
     config_file = write_yaml(tmp_path, config)
-    report = tmp_path / "verify.json"
+    report, markdown = tmp_path / "verify.json", tmp_path / "verify.md"
     knobs = [argument for knob in KNOBS for argument in ("--knob", knob)]
     done = subprocess.run(
-        [sys.executable, "-m", "sluice", "verify", str(config_file), *addresses, *knobs, "--json", str(report)],
+        [sys.executable, "-m", "sluice", "verify", str(config_file), *addresses, *knobs, "--json", str(report),
+         "--markdown", str(markdown)],
         capture_output=True, text=True, timeout=300,
     )
-    return done.returncode, done.stdout + done.stderr, json.loads(report.read_text())
+    found = json.loads(report.read_text())
+    assert markdown.read_text().endswith(found["summary"] + "\n")
+    assert markdown.read_text().count("| `rate_limit` |") == len(config["services"])
+    return done.returncode, done.stdout + done.stderr, found
 
 
 def verdicts(report: dict[str, Any]) -> dict[str, str]:

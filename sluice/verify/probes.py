@@ -281,7 +281,7 @@ async def queue_timeout(target: Target) -> list[Check]:
         waiting += (await asyncio.gather(*busy))[runtime.worker_count:]
         counted = delta(target.gateway_metrics(), before, "sluice_gateway_refused_total", service=target.name,
                         reason="queue_timeout")
-        how = (f"{len(busy)} requests of {runtime.batch_size} long items ({alone.status} after {_ms(alone.seconds)} "
+        how = (f"{len(busy)} request(s) of {runtime.batch_size} long items ({alone.status} after {_ms(alone.seconds)} "
                f"alone), then 8 small ones 10 ms apart; the gateway's refusals")
     # A request that cannot start within queue_timeout must hear so by then: at arrival, where the gateway predicts
     # it (nothing is queued just to expire), or when its wait runs out.

@@ -73,6 +73,23 @@ def write_json(checks: list[Check], path: Path) -> None:
     path.write_text(json.dumps({"checks": rows, "summary": summary(checks)}, indent=2) + "\n", encoding="utf-8")
 
 
+def write_markdown(checks: list[Check], path: Path) -> None:
+    """The tables as Markdown (for a README or a report), one per service."""
+    lines: list[str] = []
+    for service in dict.fromkeys(check.service for check in checks):
+        lines += [f"**{service}**", "", "| knob | configured | measured | verdict | how it was measured |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| `{c.knob}` | {_configured(c.configured)} | {_cell(c.measured)} | {c.verdict} | {_cell(c.how)} |"
+                  for c in checks if c.service == service]
+        lines.append("")
+    lines.append(summary(checks))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
 def _configured(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
