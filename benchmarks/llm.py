@@ -56,7 +56,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,13 +102,15 @@ def _log_uniform(rng: random.Random, low: int, high: int) -> int:
     return min(high, max(low, round(math.exp(rng.uniform(math.log(low), math.log(high))))))
 
 
-def workload(tokenizer: Any, count: int, seed: int) -> list[Spec]:
-    """``count`` requests: prompts of exactly n tokens (the tokenizer says so), n and max_tokens log-uniform."""
+def workload(tokenizer: Any, count: int, seed: int, prompt_tokens: tuple[int, int] = PROMPT_TOKENS,
+             max_tokens: tuple[int, int] = MAX_TOKENS) -> list[Spec]:
+    """``count`` requests: prompts of exactly n tokens (the tokenizer says so), n and max_tokens log-uniform within
+    ``prompt_tokens`` and ``max_tokens`` (low, high)."""
     vocabulary = sorted(token for token in tokenizer.get_vocab() if token.isascii() and token.isalpha())
     single = [word for word, ids in zip(vocabulary, tokenizer(vocabulary)["input_ids"], strict=True)
               if len(ids) == 1]
     rng = random.Random(seed)  # noqa: S311 - a reproducible workload
-    sizes = [(_log_uniform(rng, *PROMPT_TOKENS), _log_uniform(rng, *MAX_TOKENS)) for _ in range(count)]
+    sizes = [(_log_uniform(rng, *prompt_tokens), _log_uniform(rng, *max_tokens)) for _ in range(count)]
     prompts = [" ".join(rng.choice(single) for _ in range(n)) for n, _ in sizes]
     counted = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
     for (n, _), found in zip(sizes, counted, strict=True):
@@ -177,14 +179,16 @@ class StreamClient:
     """Keep-alive HTTP/1.1 connections to one host, each carrying one request at a time, reading a chunked
     ``text/event-stream`` event by event (or a whole error body by its Content-Length)."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, headers: Mapping[str, str] | None = None) -> None:
         self._host, self._port = host, port
+        self._extra_headers = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self._all: list[asyncio.StreamWriter] = []
 
     def request(self, path: str, body: bytes) -> bytes:
+        """A POST of ``body`` (JSON) to ``path``, with the client's extra ``headers`` (an API key)."""
         head = (f"POST {path} HTTP/1.1\r\nHost: {self._host}:{self._port}\r\nContent-Type: application/json\r\n"
-                f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n")
+                f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\n{self._extra_headers}\r\n")
         return head.encode() + body
 
     async def stream(self, request: bytes, record: Record) -> None:
@@ -343,16 +347,20 @@ def _refused(text: str, service: str) -> dict[str, float]:
     return {have.get("reason", ""): value for have, value in samples(text, "sluice_llm_refused_total", model=service)}
 
 
-async def _sample_running(url: str, service: str, seen: dict[str, float], stop: asyncio.Event) -> None:
-    """The largest value of each running-batch gauge in Triton's metrics, sampled every SAMPLE_EVERY_S."""
+async def sample_running(url: str, service: str, seen: dict[str, float], stop: asyncio.Event,
+                         history: list[float] | None = None, every_s: float = SAMPLE_EVERY_S) -> None:
+    """The largest value of each running-batch gauge in Triton's metrics, sampled every ``every_s``; each sample
+    of RUNNING is also appended to ``history`` when given."""
     while not stop.is_set():
         text = await asyncio.to_thread(scrape, url)
         for name in (RUNNING, RUNNING_PEAK):
             value = _value(text, name, model=service)
             if value is not None:
                 seen[name] = max(value, seen.get(name, value))
+                if history is not None and name == RUNNING:
+                    history.append(value)
         try:
-            await asyncio.wait_for(stop.wait(), SAMPLE_EVERY_S)
+            await asyncio.wait_for(stop.wait(), every_s)
         except TimeoutError:
             pass
 
@@ -373,7 +381,9 @@ Prepared = Sequence[tuple[bytes, int]]  # each request's bytes and its prompt's 
 
 
 async def closed_loop(client: StreamClient, requests: Prepared, streams: int, seconds: float,
-                      limit_s: float) -> list[Record]:
+                      limit_s: float, refusal_pause_s: float = 0.0) -> list[Record]:
+    """``streams`` clients, each sending its next request when its stream ends, for ``seconds``; a client
+    refused before its stream began (429, 503, 504) waits ``refusal_pause_s`` first."""
     records: list[Record] = []
     pending = itertools.cycle(requests)
     end = time.perf_counter() + seconds
@@ -384,6 +394,8 @@ async def closed_loop(client: StreamClient, requests: Prepared, streams: int, se
             record = Record(time.perf_counter(), prompt_tokens)
             records.append(record)
             await run_stream(client, request, record, limit_s)
+            if refusal_pause_s and record.status in (429, 503, 504):
+                await asyncio.sleep(refusal_pause_s)
 
     await asyncio.gather(*(one_client() for _ in range(streams)))
     return records
@@ -452,7 +464,7 @@ async def step(target: Target, label: str, run: Any, seconds: float, closed: boo
     client_cpu, gateway_cpu = cpu_seconds(os.getpid()), cpu_seconds(target.gateway_pid)
     running: dict[str, float] = {}
     stop = asyncio.Event()
-    sampler = asyncio.create_task(_sample_running(target.triton_metrics, target.service, running, stop))
+    sampler = asyncio.create_task(sample_running(target.triton_metrics, target.service, running, stop))
     start = time.perf_counter()
     records: list[Record] = await run
     client_cpu, gateway_cpu = cpu_seconds(os.getpid()) - client_cpu, cpu_seconds(target.gateway_pid) - gateway_cpu

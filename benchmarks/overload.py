@@ -43,6 +43,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import numpy as np
@@ -227,8 +228,11 @@ async def _send(client: LeanClient, request: bytes, service: Service, outcome: O
         outcome.connection_errors += 1
         print(f"connection error: {error!r}", flush=True)
         return
-    elapsed = time.perf_counter() - started
-    status, retry_after = answer.status, answer.retry_after
+    record(outcome, service, answer.status, answer.retry_after, time.perf_counter() - started)
+
+
+def record(outcome: Outcome, service: Service, status: int, retry_after: str | None, elapsed: float) -> None:
+    """One answer, into ``outcome``."""
     outcome.statuses[status] += 1
     if elapsed > service.total_timeout + LATE_SLACK_S:
         outcome.late += 1
@@ -264,8 +268,9 @@ async def _sample_queues(gateway: str, triton_metrics: str, service: Service, ou
 
 
 async def open_loop(gateway: str, triton_metrics: str, service: Service, rate: float, seconds: float,
-                    seed: int) -> tuple[Outcome, float]:
-    """Poisson arrivals at ``rate`` for ``seconds``; returns the outcome and the load generator's CPU seconds."""
+                    seed: int, headers: Mapping[str, str] | None = None) -> tuple[Outcome, float]:
+    """Poisson arrivals at ``rate`` for ``seconds``; returns the outcome and the load generator's CPU seconds.
+    ``headers`` go with every request (an API key)."""
     rng = random.Random(seed)  # noqa: S311 - reproducible arrivals
     arrivals, t = [], 0.0
     while True:
@@ -273,7 +278,7 @@ async def open_loop(gateway: str, triton_metrics: str, service: Service, rate: f
         if t >= seconds:
             break
         arrivals.append(t)
-    client = LeanClient(*_host_port(gateway))
+    client = LeanClient(*host_port(gateway), headers)
     requests = [client.request(service.path, service.body(text)) for text in benchmark_texts(len(arrivals), seed=seed)]
     outcome = Outcome(sent=len(arrivals))
     cpu_before = cpu_seconds(os.getpid())
@@ -310,33 +315,52 @@ async def big_requests(gateway: str, service: Service, count: int, gap_s: float,
     return results
 
 
-async def closed_loop(gateway: str, service: Service, seconds: float, seed: int) -> tuple[int, Counter[int], float]:
-    """CLIENTS clients, each sending one request and awaiting it, for ``seconds``: 200s per second, statuses."""
+async def closed_loop(gateway: str, service: Service, seconds: float, seed: int, clients: int = CLIENTS,
+                      outcome: Outcome | None = None, headers: Mapping[str, str] | None = None,
+                      refusal_pause_s: float = 0.0) -> tuple[int, Counter[int], float]:
+    """``clients`` clients, each sending one request and awaiting it, for ``seconds``: 200s, statuses, 200s per
+    second. Each answer also goes into ``outcome`` when given (latencies, goodput); ``headers`` go with every
+    request (an API key); a client refused (429, 503, 504) waits ``refusal_pause_s`` before its next request."""
     pool = benchmark_texts(10_000, seed=seed)
     texts = (f"{text} r{i // len(pool)}" for i, text in enumerate(itertools.cycle(pool)))  # endless, distinct
     statuses: Counter[int] = Counter()
-    http = LeanClient(*_host_port(gateway))
+    http = LeanClient(*host_port(gateway), headers)
     end = time.monotonic() + seconds
 
     async def client() -> None:
         while time.monotonic() < end:
+            started = time.perf_counter()
+            if outcome is not None:
+                outcome.sent += 1
             try:
                 async with asyncio.timeout(NO_ANSWER_S):
                     answer = await http.send(http.request(service.path, service.body(next(texts))))
                 statuses[answer.status] += 1
-            except (TimeoutError, OSError, asyncio.IncompleteReadError):
+            except (TimeoutError, OSError, asyncio.IncompleteReadError) as error:
                 statuses[0] += 1
+                if outcome is not None and isinstance(error, TimeoutError):
+                    outcome.no_answer += 1
+                elif outcome is not None:
+                    outcome.connection_errors += 1
+                continue
+            if outcome is not None:
+                record(outcome, service, answer.status, answer.retry_after, time.perf_counter() - started)
+            if refusal_pause_s and answer.status in (429, 503, 504):
+                await asyncio.sleep(refusal_pause_s)
 
     started = time.monotonic()
-    await asyncio.gather(*(client() for _ in range(CLIENTS)))
+    await asyncio.gather(*(client() for _ in range(clients)))
     elapsed = time.monotonic() - started
     await http.close()
     return statuses[200], statuses, statuses[200] / elapsed
 
 
-def _host_port(url: str) -> tuple[str, int]:
-    host, port = url.removeprefix("http://").split(":")
-    return host, int(port)
+def host_port(url: str) -> tuple[str, int]:
+    """The host and port of an http:// URL (port 80 when it names none)."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"expected an http://host:port URL, found {url!r}")
+    return parts.hostname, parts.port or 80
 
 
 def refusals_by_reason(gateway: str, service: Service) -> dict[str, float]:

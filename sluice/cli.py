@@ -331,6 +331,44 @@ def verify_command(
         raise typer.Exit(code=1)
 
 
+@app.command("bench")
+def bench_command(
+    config: ConfigArg = DEFAULT_CONFIG,
+    service: Annotated[list[str] | None, typer.Option(
+        "--service", help="A service to measure; repeat for more (default: every service)")] = None,
+    gateway: Annotated[str | None, typer.Option(help="The gateway's URL (default: the config's)")] = None,
+    triton: Annotated[str | None, typer.Option(help="Triton's HTTP URL (default: the config's)")] = None,
+    triton_metrics: Annotated[str | None, typer.Option(help="Triton's metrics URL (default: the config's)")] = None,
+    up: Annotated[bool, typer.Option("--up", help="Bring the stack up here (`sluice up`), stop it after")] = False,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Model repository for --up")] = DEFAULT_REPOSITORY,
+    out: Annotated[Path, typer.Option("--out", help="Where bench.json and the plots go")] = Path("bench-results"),
+    seconds: Annotated[float, typer.Option(min=0.1, help="Each step's length")] = 5.0,
+    concurrency: Annotated[str | None, typer.Option(
+        help="Closed-loop steps: concurrent clients, comma-separated [default: 1,4,16]")] = None,
+    load: Annotated[str | None, typer.Option(
+        help="Open-loop steps: offered load as multiples of the closed loop's capacity [default: 0.5,1,1.5,2]")] = None,
+) -> None:
+    """Measure each service of a running stack: closed-loop and open-loop sweeps, written as JSON and PNG plots.
+
+    Throughput, goodput (answered within total_timeout), refusals, latency percentiles, batch sizes, and for the
+    LLM time to first token. Every request carries a new text, so no cache answers it."""
+    from contextlib import nullcontext
+
+    from sluice.bench import Sweep, parse_concurrency, parse_load, run_bench, tables
+    from sluice.stack import brought_up, configured_stack
+
+    try:
+        plan = Sweep(seconds, parse_concurrency(concurrency), parse_load(load))
+        stack = configured_stack(config, gateway=gateway, triton=triton, triton_metrics=triton_metrics)
+        with brought_up(config, output) if up else nullcontext():
+            report = run_bench(stack, config, service or [], plan, out, err_console)
+    except SluiceError as error:
+        raise _fail(error) from None
+    for table in tables(report):
+        out_console.print(table)
+    out_console.print(f"wrote {out}/bench.json and the plots", highlight=False)
+
+
 def _print_endpoints(settings: GatewaySettings) -> None:
     base = f"http://{settings.host}:{settings.port}"
     by_type = {route.type: route.service for route in settings.routes.values()}
