@@ -168,9 +168,9 @@ class Expiry:
 class Stopper:
     """An encoder instance's watchdog (runtimes/encoders.py): each batch's onnxruntime calls are stopped once the
     batch has computed for the service's inference_timeout, or once every one of its requests was cancelled by its
-    client (``request.is_cancelled()``, asked every 10 ms). Its requests are then answered UNAVAILABLE
-    INFERENCE_TIMEOUT_MESSAGE (the gateway's 504) or CANCELLED, and the batch is counted once on Triton's /metrics as
-    ``sluice_runs_stopped_total{model, reason}`` (reason: inference_timeout | cancelled)."""
+    client (``request.is_cancelled()``, asked between length buckets, at most every 10 ms). Its requests are then
+    answered UNAVAILABLE INFERENCE_TIMEOUT_MESSAGE (the gateway's 504) or CANCELLED, and the batch is counted once on
+    Triton's /metrics as ``sluice_runs_stopped_total{model, reason}`` (reason: inference_timeout | cancelled)."""
 
     def __init__(self, model_name: str, inference_timeout_s: float) -> None:
         from runtimes.encoders import STOP_REASONS, Watchdog
