@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: up test lint compile explain models bench overload llm-bench clean
+.PHONY: up test lint compile explain models verify bench overload llm-bench clean
 
 # The virtualenv is rebuilt when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -25,6 +25,10 @@ compile: $(STAMP)
 
 explain: $(STAMP)
 	$(VENV)/bin/sluice explain config.yaml
+
+# Probe every knob of every service on a stack brought up for it (about a minute), then stop it.
+verify: models
+	$(VENV)/bin/sluice verify config.yaml --up
 
 # Run alone: on 2 cores anything else running skews the figures.
 bench: models

@@ -31,9 +31,7 @@ import os
 import random
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -50,10 +48,11 @@ import numpy as np
 import uvloop
 import yaml
 
-from benchmarks.embeddings import cpu_seconds, wait_until_ready
+from benchmarks.embeddings import cpu_seconds
 from benchmarks.http_client import LeanClient
 from benchmarks.texts import benchmark_texts
 from compiler.defaults import TYPE_DEFAULTS
+from sluice.stack import brought_up, configured_stack
 from sluice.triton_server import free_ports
 
 CLIENTS = 16
@@ -161,30 +160,16 @@ def gateway_pid(up_pid: int) -> int:
 @contextmanager
 def sluice_up(config: Path, source: Path, redis_url: str | None, gateway: str, export_cache: Path,
               extra_env: Mapping[str, str] | None = None) -> Iterator[int]:
-    """`sluice up CONFIG` from ``source``, until the gateway's /ready answers; yields the `sluice up` process id (its
-    children: tritonserver and `sluice gateway`, see ``gateway_pid``). ``extra_env`` is added to its environment
-    (tritonserver and its Python stubs inherit it)."""
+    """`sluice up CONFIG` from ``source`` (sluice.stack.brought_up, access log on: its cost counts), until the gateway
+    at ``gateway`` (CONFIG's) is ready; yields the `sluice up` process id (see ``gateway_pid``). ``extra_env`` is added
+    to its environment (tritonserver and its Python stubs inherit it)."""
     env = {k: v for k, v in os.environ.items() if k != "SLUICE_REDIS_URL"} | dict(extra_env or {})
     if redis_url:
         env["SLUICE_REDIS_URL"] = redis_url
     env["SLUICE_CACHE_DIR"] = str(export_cache)
-    # stderr to a file, never a pipe nobody reads: the gateway writes an access line per request (its cost counts).
-    log = tempfile.TemporaryFile("w+")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sluice", "up", str(config), "-o", str(config.parent / "model_repository")],
-        cwd=source, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True, start_new_session=True,
-    )
-    try:
-        wait_until_ready(process, gateway, "sluice up", timeout_s=300, log=log)
-        yield process.pid
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
+    assert configured_stack(config).gateway == gateway.rstrip("/"), "the gateway is CONFIG's"
+    with brought_up(config, config.parent / "model_repository", env=env, cwd=source, access_log=True) as pid:
+        yield pid
 
 
 def _metric(text: str, name: str, **labels: str) -> float | None:

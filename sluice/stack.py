@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,16 +74,20 @@ def ready(gateway: str) -> bool:
 
 
 @contextmanager
-def brought_up(config: Path, repository: Path) -> Iterator[None]:
-    """`sluice up CONFIG -o REPOSITORY` until the gateway's /ready answers; stopped (SIGINT, as Ctrl-C) on exit.
-    Its log goes to a temporary file, shown if it fails to start."""
+def brought_up(config: Path, repository: Path, *, env: Mapping[str, str] | None = None, cwd: Path | None = None,
+               access_log: bool = False) -> Iterator[int]:
+    """`sluice up CONFIG -o REPOSITORY` until the gateway's /ready answers; yields its process id (its children:
+    tritonserver and `sluice gateway`); stopped (SIGINT, as Ctrl-C) on exit. ``env``: its whole environment (default:
+    this one's); its log goes to a temporary file, never a pipe nobody reads, and is shown if it fails to start."""
     stack = configured_stack(config)
     if ready(stack.gateway):
         raise SluiceError(f"a gateway already answers at {stack.gateway}: stop it, or measure it without --up")
     log = tempfile.TemporaryFile("w+")
     process = subprocess.Popen(
-        [sys.executable, "-m", "sluice", "up", str(config), "-o", str(repository), "--no-access-log"],
-        stdout=subprocess.DEVNULL, stderr=log, text=True, start_new_session=True,
+        [sys.executable, "-m", "sluice", "up", str(config), "-o", str(repository),
+         "--access-log" if access_log else "--no-access-log"],
+        cwd=cwd, env=dict(env) if env is not None else None, stdout=subprocess.DEVNULL, stderr=log, text=True,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + UP_TIMEOUT_S
@@ -92,7 +96,7 @@ def brought_up(config: Path, repository: Path) -> Iterator[None]:
                 log.seek(0)
                 raise SluiceError(f"`sluice up {config}` did not become ready:\n{log.read()[-4000:]}")
             time.sleep(0.3)
-        yield
+        yield process.pid
     finally:
         process.send_signal(signal.SIGINT)
         try:
