@@ -14,6 +14,7 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from compiler.plan import ServicePlan
 from gateway.ratelimit import limit_for_rate
@@ -342,6 +343,26 @@ async def inference_timeout(target: Target) -> list[Check]:
 # --- max_queue_size -----------------------------------------------------------------------------------------------
 
 
+class _Queue(NamedTuple):
+    """Where a service's waiting queue shows: its depth gauge, its high-water gauge (if any) and refusal counter."""
+
+    metrics_url: str
+    read: Callable[[], Metrics]
+    labels: dict[str, str]
+    depth: str
+    peak: str | None
+    refused: str
+    owner: str
+
+
+def _queue(target: Target) -> _Queue:
+    if target.kind == "llm":  # the engine's, on Triton's metrics
+        return _Queue(target.stack.triton_metrics, target.triton_metrics, {"model": target.name}, "sluice_llm_waiting",
+                      "sluice_llm_waiting_peak", "sluice_llm_refused_total", "the engine")
+    return _Queue(f"{target.stack.gateway}/metrics", target.gateway_metrics, {"service": target.name},
+                  "sluice_gateway_queue_depth", None, "sluice_gateway_refused_total", "the gateway")
+
+
 async def max_queue_size(target: Target) -> list[Check]:
     """A burst beyond the queue: the deepest queue seen must stay within the knob, the excess refused at arrival
     (never by waiting out queue_timeout), and every request answered."""
@@ -356,31 +377,19 @@ async def max_queue_size(target: Target) -> list[Check]:
             "max_queue_size", f"the rate limit admits {budget} at once: fewer than the queue holds",
             f"{how} would be refused by rate_limit first")]
     await target.rested()
+    queue = _queue(target)
     if target.kind == "llm":
-        url, gauge, labels = target.stack.triton_metrics, "sluice_llm_waiting", {"model": target.name}
         bodies = [target.shapes.generation(max(8, target.service.model.max_length // 2)) for _ in range(size)]
-        refused_name, where = "sluice_llm_refused_total", "the engine"
-        before = target.triton_metrics()
     else:
-        url, gauge, labels = f"{target.stack.gateway}/metrics", "sluice_gateway_queue_depth", {"service": target.name}
         bodies = [target.shapes.light() for _ in range(size)]
-        refused_name, where = "sluice_gateway_refused_total", "the gateway"
-        before = target.gateway_metrics()
-        labels_refused = {"service": target.name}
-    async with Sampler(url, gauge, labels, target.stack.headers) as depth:
+    before = queue.read()
+    async with Sampler(queue.metrics_url, queue.depth, queue.labels, target.stack.headers) as depth:
         answers = await target.traffic.burst(bodies)
-    if target.kind == "llm":
-        after = target.triton_metrics()
-        peak = max(depth.peak, after.value("sluice_llm_waiting_peak", model=target.name))
-        reasons = {reason: after.by_label(refused_name, "reason", model=target.name).get(reason, 0)
-                   - before.by_label(refused_name, "reason", model=target.name).get(reason, 0)
-                   for reason in ("queue_full", "queue_timeout")}
-    else:
-        after = target.gateway_metrics()
-        peak = depth.peak
-        reasons = {reason: after.by_label(refused_name, "reason", **labels_refused).get(reason, 0)
-                   - before.by_label(refused_name, "reason", **labels_refused).get(reason, 0)
-                   for reason in ("queue_full", "too_late", "queue_timeout")}
+    after = queue.read()
+    peak = max(depth.peak, after.value(queue.peak, **queue.labels) if queue.peak else 0.0)
+    counted_before = before.by_label(queue.refused, "reason", **queue.labels)
+    reasons = {reason: count - counted_before.get(reason, 0.0)
+               for reason, count in after.by_label(queue.refused, "reason", **queue.labels).items()}
     # Refused on arrival by the gateway's or engine's own count: a client's clock cannot tell, as the last of a
     # burst is read by the gateway only after all those before it.
     on_arrival = sum(count for reason, count in reasons.items() if reason != "queue_timeout")
@@ -389,7 +398,7 @@ async def max_queue_size(target: Target) -> list[Check]:
     reason_text = ", ".join(f"{reason} {count:.0f}" for reason, count in reasons.items() if count)
     measured = (f"deepest queue {peak:.0f}; {on_arrival:.0f} refused on arrival, the last after "
                 f"{_ms(max(refusals, default=0.0))} ({reason_text or 'no refusals'})")
-    how = f"{how}, all at once ({_statuses(answers)}); {where}'s queue gauge read every 10 ms and its refusals"
+    how = f"{how}, all at once ({_statuses(answers)}); {queue.owner}'s queue gauge read every 10 ms and its refusals"
     ok = peak <= knob and on_arrival > 0 and not unanswered
     return [target.check("max_queue_size", measured, ok, how)]
 
