@@ -260,7 +260,7 @@ async def queue_timeout(target: Target) -> list[Check]:
         light = [target.shapes.light() for _ in range(max(0, min(runtime.max_queue_size - slots, 8)))]
         waiting = await target.traffic.burst(light)
         busy_answers = await asyncio.gather(*busy)
-        waiting += busy_answers[slots:]
+        waiting += busy_answers  # which of them waited is the engine's choice: any refused could not start in time
         counted = delta(target.triton_metrics(), before, "sluice_llm_refused_total", model=target.name,
                         reason="queue_timeout")
         longest = max(answer.seconds for answer in busy_answers)
@@ -279,7 +279,7 @@ async def queue_timeout(target: Target) -> list[Check]:
             pending.append(asyncio.create_task(target.traffic.send(target.shapes.light())))
             await asyncio.sleep(0.01)
         waiting = list(await asyncio.gather(*pending))
-        waiting += (await asyncio.gather(*busy))[runtime.worker_count:]
+        waiting += await asyncio.gather(*busy)  # any refused could not start in time
         counted = delta(target.gateway_metrics(), before, "sluice_gateway_refused_total", service=target.name,
                         reason="queue_timeout")
         how = (f"{len(busy)} request(s) of {runtime.batch_size} long items ({alone.status} after {_ms(alone.seconds)} "
