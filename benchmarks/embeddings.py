@@ -48,6 +48,7 @@ from benchmarks.texts import benchmark_texts
 from compiler.pipeline import compile_repository
 from compiler.schema import Server
 from runtimes.encoders import OnnxEncoder, open_session
+from sluice.stack import ready
 from sluice.triton_server import TritonServer, TritonSettings, free_ports
 
 
@@ -281,19 +282,11 @@ def wait_until_ready(process: subprocess.Popen[str], url: str, what: str, timeou
     """Until ``url``/ready answers 200; RuntimeError with the process's stderr (the file ``log``) if it exits or
     ``timeout_s`` passes."""
     deadline = time.monotonic() + timeout_s
-    while not _ready(url):
+    while not ready(url):
         if process.poll() is not None or time.monotonic() > deadline:
             log.seek(0)
             raise RuntimeError(f"{what} did not start: {log.read()[-4000:]}")
         time.sleep(0.2)
-
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/ready", timeout=2) as response:  # noqa: S310 - loopback URL
-            return bool(response.status == 200)
-    except OSError:
-        return False
 
 
 def main() -> None:

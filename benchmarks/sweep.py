@@ -10,9 +10,7 @@ the run, so that a second run against the same gateway misses the cache too): th
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import llm, overload
+from sluice.verify.observe import model_stats
 
 LATENCY_QUANTILES = (50, 90, 99)
 RUNNING_SAMPLE_S = 0.1  # how often the LLM's running batch is sampled
@@ -30,7 +29,6 @@ RUNNING_SAMPLE_S = 0.1  # how often the LLM's running batch is sampled
 # rate-limited service on 2 cores, and that storm starved the model (and left Triton unreachable) rather than
 # measuring it.
 REFUSAL_PAUSE_S = 0.1
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the operator's own stack
 
 
 @dataclass(frozen=True)
@@ -143,15 +141,9 @@ def _since(before: dict[str, float] | None, after: dict[str, float] | None) -> d
 
 
 def triton_batches(triton_http: str, service: str) -> Counter[int]:
-    """How many executions of each batch size Triton's statistics API counts for ``service`` so far."""
-    url = f"{triton_http}/v2/models/{service}/stats"
-    with _NO_PROXY.open(url, timeout=5) as response:
-        stats = json.loads(response.read())
-    counts: Counter[int] = Counter()
-    for model in stats.get("model_stats", []):
-        for batch in model.get("batch_stats", []):
-            counts[int(batch["batch_size"])] += int(batch["compute_infer"]["count"])
-    return counts
+    """How many executions of each batch size Triton's statistics API counts for ``service`` so far (SluiceError
+    when it does not answer)."""
+    return Counter(model_stats(triton_http, service).batches)
 
 
 # --- the LLM -------------------------------------------------------------------------------------------------

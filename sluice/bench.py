@@ -142,7 +142,7 @@ async def _counting_batches(target: sweep.Target, batches: Counter[int],
 def _batches_or_none(target: sweep.Target) -> Counter[int] | None:
     try:
         return sweep.triton_batches(target.triton_http, target.service)
-    except OSError:
+    except SluiceError:
         return None
 
 
@@ -237,7 +237,7 @@ def run_bench(stack: Stack, config: Path, services: Sequence[str], plan: Sweep, 
 def _check_triton(one: sweep.Target) -> None:
     try:
         sweep.triton_batches(one.triton_http, one.service)
-    except OSError as error:
+    except SluiceError as error:
         raise SluiceError(f"Triton's statistics API at {one.triton_http}/v2/models/{one.service}/stats did not "
                           f"answer ({error}): pass --triton") from None
 

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from compiler.pipeline import build_plan
 from compiler.plan import RepositoryPlan, ServicePlan
 from sluice.errors import SluiceError
 from sluice.manifest import client_host
+from sluice.verify.observe import http_get
 
 UP_TIMEOUT_S = 300.0  # a first `sluice up` exports the ONNX models: minutes on 2 cores
 
@@ -66,11 +66,12 @@ def configured_stack(config: Path, *, gateway: str | None = None, triton: str | 
 
 
 def ready(gateway: str) -> bool:
+    """Whether the gateway at ``gateway`` answers /ready with 200."""
     try:
-        with urllib.request.urlopen(f"{gateway}/ready", timeout=2) as response:  # noqa: S310 - the operator's URL
-            return bool(response.status == 200)
-    except OSError:
+        http_get(f"{gateway}/ready", timeout_s=2)
+    except SluiceError:
         return False
+    return True
 
 
 @contextmanager

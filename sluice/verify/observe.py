@@ -15,11 +15,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sluice.errors import SluiceError
 
+# The operator's own stack is reached directly, whatever proxy the environment names.
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
 
 def http_get(url: str, headers: Mapping[str, str] | None = None, timeout_s: float = 5.0) -> bytes:
+    """``url``'s body; SluiceError naming the URL when it cannot be read."""
     request = urllib.request.Request(url, headers=dict(headers or {}))  # noqa: S310 - the operator's URLs
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310
+        with DIRECT.open(request, timeout=timeout_s) as response:
             return bytes(response.read())
     except OSError as error:
         raise SluiceError(f"cannot read {url}: {error}") from error
@@ -43,10 +47,6 @@ class Metrics:
         """The sum of ``name``'s samples whose labels include ``labels`` (0 when there is none)."""
         wanted = set(labels.items())
         return sum(value for (sample, have), value in self.samples.items() if sample == name and wanted <= have)
-
-    def has(self, name: str, **labels: str) -> bool:
-        wanted = set(labels.items())
-        return any(sample == name and wanted <= have for sample, have in self.samples)
 
     def by_label(self, name: str, label: str, **labels: str) -> dict[str, float]:
         wanted = set(labels.items())

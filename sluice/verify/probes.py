@@ -13,7 +13,7 @@ import math
 import statistics
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from compiler.plan import ServicePlan
@@ -35,7 +35,6 @@ class Target:
     stack: Stack
     service: ServicePlan
     traffic: Traffic
-    last_sent: float = field(default=0.0)
 
     @property
     def name(self) -> str:
@@ -226,7 +225,8 @@ async def batch_size_and_workers(target: Target) -> list[Check]:
 
 async def _closed_loop(target: Target, make: Callable[[], dict[str, object]], clients: int,
                        seconds: float) -> list[Timed]:
-    """As Traffic.closed_loop, but a refused client backs off a little instead of spinning on 429s."""
+    """``clients`` each sending their next request when the last is answered, for ``seconds``; a refused client
+    backs off a little instead of spinning on 429s."""
     stop = time.monotonic() + seconds
     answers: list[Timed] = []
 

@@ -1,5 +1,5 @@
-"""The probes' traffic: request shapes per service type and three ways to send them (a burst, an open loop at a
-rate, a few at a time), each answer timed from the moment its request was written."""
+"""The probes' traffic: request shapes per service type and ways to send them (one, a burst, an open loop at a
+rate), each answer timed from the moment its request was written."""
 
 from __future__ import annotations
 
@@ -109,15 +109,3 @@ class Traffic:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(self.send(make())))
         return list(await asyncio.gather(*tasks))
-
-    async def closed_loop(self, make: Callable[[], dict[str, object]], clients: int, seconds: float) -> list[Timed]:
-        """``clients`` each sending their next request when the last is answered, for ``seconds``."""
-        stop = time.monotonic() + seconds
-        answers: list[Timed] = []
-
-        async def client() -> None:
-            while time.monotonic() < stop:
-                answers.append(await self.send(make()))
-
-        await asyncio.gather(*(client() for _ in range(clients)))
-        return answers
